@@ -1,0 +1,39 @@
+"""Adapter core: inject low-rank branches into any nn.Module, merge, save, load, count."""
+
+from .accounting import parameter_counts, parameter_table
+from .base import (
+    ADAPTER_CONFIGS,
+    AdapterBranch,
+    AdapterConfig,
+    ParamCount,
+    UnknownTaskError,
+    config_from_dict,
+    register_adapter,
+)
+from .inject import (
+    adapted_layers,
+    add_task,
+    branches,
+    candidate_names,
+    delta_weights,
+    disable_adapters,
+    inject_adapters,
+    merge,
+    set_task,
+    sites,
+    unload,
+    unmerge,
+    use_task,
+)
+from .io import load_adapter, read_adapter_config, save_adapter
+from .layers import AdaptedLinear, AdaptedModule, AdaptedMultiheadAttention
+from .lora import LoRABranch, LoRAConfig
+
+__all__ = [
+    "ADAPTER_CONFIGS", "AdaptedLinear", "AdaptedModule", "AdaptedMultiheadAttention", "AdapterBranch",
+    "AdapterConfig", "LoRABranch", "LoRAConfig", "ParamCount", "UnknownTaskError", "adapted_layers",
+    "add_task", "branches", "candidate_names", "config_from_dict", "delta_weights", "disable_adapters",
+    "inject_adapters", "load_adapter", "merge", "parameter_counts", "parameter_table",
+    "read_adapter_config", "register_adapter", "save_adapter", "set_task", "sites", "unload",
+    "unmerge", "use_task",
+]

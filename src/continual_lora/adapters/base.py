@@ -1,0 +1,174 @@
+"""The two abstractions every adapter method builds on.
+
+* :class:`AdapterBranch` is the low-rank path added to one frozen weight ``W0`` (out x in)::
+
+      y = W0 x + b + branch(x)          branch(x) == delta_weight(task) @ x   (up to dropout)
+
+  A branch owns its parameters, keeps per-task state in ``nn.ParameterDict`` /
+  ``nn.ModuleDict`` keyed by task name, and knows how to materialise its update
+  (``delta_weight``) for merging. The layer wrappers in :mod:`.layers` own the frozen
+  ``base_layer`` and call the branch; the branch never touches the base weight itself,
+  except through :meth:`AdapterBranch.restore`, which receives it explicitly.
+
+* :class:`AdapterConfig` is the typed description of which modules to adapt and how to
+  build a branch for each. Method configs subclass it and register themselves with
+  :func:`register_adapter`, so a saved adapter can be rebuilt from its JSON config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class UnknownTaskError(KeyError):
+    """Raised when a task id is not (yet) known to an adapter."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def check_task_name(task: str) -> str:
+    if not isinstance(task, str) or not _TASK_NAME.match(task):
+        raise ValueError(
+            f"task name {task!r} must be a non-empty string of letters, digits, '_' or '-' "
+            "(it becomes a key of nn.ModuleDict / safetensors)"
+        )
+    return task
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter numbers of one branch: ``shared`` across tasks, and owned per task."""
+
+    shared: int = 0
+    per_task: dict[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: "ParamCount") -> "ParamCount":
+        per_task = dict(self.per_task)
+        for task, n in other.per_task.items():
+            per_task[task] = per_task.get(task, 0) + n
+        return ParamCount(self.shared + other.shared, per_task)
+
+
+class AdapterBranch(nn.Module):
+    """Low-rank update of one weight of shape ``(out_features, in_features)``.
+
+    Subclasses implement :meth:`forward`, :meth:`delta_weight`, :meth:`add_task`,
+    :attr:`tasks` and :meth:`parameter_count`.
+
+    ``seq_dim`` says where tokens run in the input the branch sees: 1 for ``(B, L, D)``
+    (transformers), 0 for ``(L, B, D)`` (OpenAI CLIP's residual stream), ``None`` when the
+    input has no token axis. Only branches that route on a token (Rank-1 pool) read it.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.active_task: str | None = None
+        self.seq_dim: int | None = 1
+
+    # --- to implement -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        raise NotImplementedError
+
+    def delta_weight(self, task: str | None = None) -> torch.Tensor:  # (out, in)
+        raise NotImplementedError
+
+    def add_task(self, task: str) -> None:
+        raise NotImplementedError
+
+    @property
+    def tasks(self) -> list[str]:
+        raise NotImplementedError
+
+    def parameter_count(self) -> ParamCount:
+        raise NotImplementedError
+
+    # --- shared behaviour ---------------------------------------------------------------
+    def resolve_task(self, task: str | None) -> str:
+        """The task to use: ``task`` or the active one; an unknown id is an error."""
+        task = self.active_task if task is None else task
+        if task is None:
+            raise UnknownTaskError(
+                f"no task selected; call set_task(model, name) first (known tasks: {self.tasks})"
+            )
+        if task not in self.tasks:
+            raise UnknownTaskError(f"unknown task {task!r}; known tasks: {self.tasks}")
+        return task
+
+    def set_task(self, task: str | None) -> None:
+        if task is not None:
+            self.resolve_task(task)
+        self.active_task = task
+
+    def restore(self, base_weight: torch.Tensor) -> None:
+        """Called after a saved state is loaded; may fold recorded updates into ``base_weight``.
+
+        Branches whose update lives only in their own parameters do nothing.
+        """
+
+
+@dataclass
+class AdapterConfig:
+    """Where to put adapters. Method configs subclass this and add their hyper-parameters."""
+
+    method: ClassVar[str] = ""
+    # module names to adapt: a list of name suffixes ("q_proj" matches "...attn.q_proj"), or one regex
+    targets: Sequence[str] | str = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    # names (suffixes) or a regex of modules never to adapt, even when a target matches
+    exclude: Sequence[str] | str = ()
+    # token axis of the input that nn.Linear layers see: 1 = (B, L, D), 0 = (L, B, D)
+    seq_dim: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, (list, tuple)):
+            self.targets = tuple(self.targets)
+            if not self.targets:
+                raise ValueError("targets: give at least one module name or a regex")
+        if isinstance(self.exclude, (list, tuple)):
+            self.exclude = tuple(self.exclude)
+        if self.seq_dim not in (0, 1):
+            raise ValueError(f"seq_dim must be 0 (L, B, D) or 1 (B, L, D), got {self.seq_dim}")
+
+    def build_branch(self, in_features: int, out_features: int) -> AdapterBranch:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return {"method": self.method, **out}
+
+
+ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {}
+
+
+def register_adapter(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a config loadable from a saved ``adapter_config.json``."""
+    if not cls.method:
+        raise ValueError(f"{cls.__name__}.method must name the method")
+    ADAPTER_CONFIGS[cls.method] = cls
+    return cls
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in ADAPTER_CONFIGS:
+        raise ValueError(f"unknown adapter method {method!r}; known: {sorted(ADAPTER_CONFIGS)}")
+    cls = ADAPTER_CONFIGS[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{method}: unknown config keys {unknown}")
+    return cls(**data)

@@ -1,0 +1,97 @@
+"""Plain LoRA (Hu et al., arXiv 2106.09685), one independent adapter per task.
+
+For task t and a frozen weight ``W0`` (out x in)::
+
+    y = W0 x + b + (alpha / r) * B_t (A_t dropout(x))        A_t: r x in,  B_t: out x r
+
+Initialisation ``"kaiming"`` (peft's default): ``A_t`` kaiming-uniform with a = sqrt(5),
+``B_t = 0``, so training starts from the base model. ``"gaussian"``: ``A_t ~ N(0, 1/r)``.
+Each task's factors live in ``nn.ParameterDict``s keyed by task name; the forward pass uses
+the active task (see :func:`continual_lora.adapters.set_task`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterBranch, AdapterConfig, ParamCount, UnknownTaskError, register_adapter
+
+
+@register_adapter
+@dataclass
+class LoRAConfig(AdapterConfig):
+    method = "lora"
+    rank: int = 8  # r, the rank of every update
+    alpha: float = 16.0  # update scale is alpha / rank
+    dropout: float = 0.0  # dropout on the input of A only
+    init: str = "kaiming"  # "kaiming" (A kaiming-uniform, B = 0; peft's default) or "gaussian"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    def build_branch(self, in_features: int, out_features: int) -> "LoRABranch":
+        return LoRABranch(in_features, out_features, self)
+
+
+class LoRABranch(AdapterBranch):
+    """Per-task rank-r factors ``A[t]`` (r x in) and ``B[t]`` (out x r)."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig) -> None:
+        super().__init__(in_features, out_features)
+        self.rank = config.rank
+        self.scale = config.alpha / config.rank
+        self.init = config.init
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.ParameterDict()  # task -> (r, in)
+        self.lora_B = nn.ParameterDict()  # task -> (out, r)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_task(self, task: str) -> None:
+        if task in self.lora_A:
+            raise ValueError(f"task {task!r} already exists")
+        ref = next(iter(self.lora_A.values()), None)
+        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        a = torch.empty(self.rank, self.in_features, **kw)
+        if self.init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            nn.init.normal_(a, std=1.0 / self.rank)
+        self.lora_A[task] = nn.Parameter(a)
+        self.lora_B[task] = nn.Parameter(torch.zeros(self.out_features, self.rank, **kw))
+
+    def factors(self, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        task = self.resolve_task(task)
+        return self.lora_A[task], self.lora_B[task]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return F.linear(F.linear(self.dropout(x), a), b) * self.scale  # (..., out)
+
+    def delta_weight(self, task: str | None = None) -> torch.Tensor:
+        a, b = self.factors(task)
+        return (b @ a) * self.scale  # (out, in)
+
+    def freeze_task(self, task: str) -> None:
+        if task not in self.lora_A:
+            raise UnknownTaskError(f"unknown task {task!r}; known tasks: {self.tasks}")
+        self.lora_A[task].requires_grad_(False)
+        self.lora_B[task].requires_grad_(False)
+
+    def parameter_count(self) -> ParamCount:
+        return ParamCount(0, {t: self.lora_A[t].numel() + self.lora_B[t].numel() for t in self.tasks})

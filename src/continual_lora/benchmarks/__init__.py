@@ -1,0 +1,1 @@
+"""Benchmarks: embedded image domains (mtil-mini) and the small pretrained CLIP they start from."""

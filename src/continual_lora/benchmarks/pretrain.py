@@ -1,0 +1,265 @@
+"""The project's own small CLIP: random init, contrastively pretrained on mtil-mini train splits.
+
+No CLIP weights ship with the dependencies, so the continual benchmarks start from this model.
+The pretraining mix is designed so the zero-shot row differs widely across domains:
+  mnist, shapes      all classes seen                            -> high zero-shot
+  animals, colors    only some classes seen                      -> partial
+  digits             never seen, but its class names seen (mnist) -> partial transfer
+  textile            never seen                                   -> near chance
+Only *train* splits are drawn from; test images are never seen. The result is cached under
+``cache_dir()/pretrained/<hash>/`` (model.safetensors, config.json, tokenizer.json,
+pretrain_config.json, zero_shot.json), keyed by the PretrainConfig and the prompt vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+from continual_lora.benchmarks.mtil_mini import (
+    DOMAINS,
+    KNOWN_DOMAINS,
+    balanced_subset,
+    build_mtil_mini,
+    cache_dir,
+    domain_prompts,
+    load_domain,
+)
+from continual_lora.continual.clip_task import WordTokenizer, captions_for, contrastive_loss, evaluate_accuracy
+
+PRETRAIN_FORMAT = 1  # bump when the training recipe changes in a way the config does not show
+
+
+@dataclass(frozen=True)
+class MixPart:
+    """One slice of the pretraining mix, drawn from a domain's train split."""
+
+    domain: str  # mtil-mini domain name
+    classes: tuple[str, ...] = ()  # class names kept (natural-language names); () keeps all
+    max_images: int = 2000  # class-balanced, seeded cap on images taken
+
+    def __post_init__(self) -> None:
+        if self.domain not in KNOWN_DOMAINS:
+            raise ValueError(f"MixPart.domain: unknown domain {self.domain!r}; known: {KNOWN_DOMAINS}")
+        names = domain_prompts(self.domain)[0]
+        bad = [c for c in self.classes if c not in names]
+        if bad:
+            raise ValueError(f"MixPart.classes: {bad} not classes of {self.domain!r} ({names})")
+        if self.max_images < 1:
+            raise ValueError(f"MixPart.max_images must be >= 1, got {self.max_images}")
+
+
+DEFAULT_MIX: tuple[MixPart, ...] = (
+    MixPart("mnist", (), 4000),
+    MixPart("shapes", (), 2000),
+    MixPart("animals", ("bird", "cat", "elephant", "giraffe", "horse"), 2000),
+    MixPart("colors", ("red", "green", "blue", "yellow"), 1500),
+)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Architecture, optimisation and data mix of the small CLIP."""
+
+    image_size: int = 32  # input resolution (pixels, square)
+    patch_size: int = 8  # ViT patch size; image_size must be a multiple
+    vision_width: int = 128  # vision transformer hidden size
+    vision_layers: int = 4  # vision transformer blocks
+    vision_heads: int = 4  # vision attention heads
+    vision_mlp: int = 512  # vision MLP hidden size
+    text_width: int = 128  # text transformer hidden size
+    text_layers: int = 4  # text transformer blocks
+    text_heads: int = 4  # text attention heads
+    text_mlp: int = 512  # text MLP hidden size
+    projection_dim: int = 128  # shared image-text embedding size
+    context_length: int = 24  # text tokens per prompt, incl. <sot> and <eos>
+    steps: int = 1200  # optimisation steps
+    batch_size: int = 64  # image-caption pairs per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.1  # AdamW weight decay on matrices (not on biases / norms)
+    warmup: int = 100  # linear warm-up steps, then cosine decay to 0
+    seed: int = 0  # torch seed for init, data draw and batch order
+    mix: tuple[MixPart, ...] = field(default=DEFAULT_MIX)  # pretraining data (train splits only)
+    eval_domains: tuple[str, ...] = ()  # domains of the measured zero-shot row; () = all available
+
+    def __post_init__(self) -> None:
+        positive = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp",
+                    "text_width", "text_layers", "text_heads", "text_mlp", "projection_dim", "steps", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"PretrainConfig.image_size ({self.image_size}) must be a multiple of patch_size")
+        for kind in ("vision", "text"):
+            if getattr(self, f"{kind}_width") % getattr(self, f"{kind}_heads"):
+                raise ValueError(f"PretrainConfig.{kind}_width must be divisible by {kind}_heads")
+        if self.context_length < 3:
+            raise ValueError(f"PretrainConfig.context_length must be >= 3, got {self.context_length}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("PretrainConfig.lr must be > 0, weight_decay and warmup >= 0")
+        if not self.mix:
+            raise ValueError("PretrainConfig.mix must hold at least one MixPart")
+        unknown = [d for d in self.eval_domains if d not in KNOWN_DOMAINS]
+        if unknown:
+            raise ValueError(f"PretrainConfig.eval_domains: unknown {unknown}; known: {KNOWN_DOMAINS}")
+
+
+def build_tokenizer(cfg: PretrainConfig) -> WordTokenizer:
+    """Word tokenizer over every known domain's class names and templates (seen or not)."""
+    texts = []
+    for name in KNOWN_DOMAINS:
+        classes, templates = domain_prompts(name)
+        texts += [t.format(c) for c in classes for t in templates]
+    return WordTokenizer.from_texts(texts, cfg.context_length)
+
+
+def config_hash(cfg: PretrainConfig, tokenizer: WordTokenizer | None = None) -> str:
+    """12 hex digits identifying the config, the vocabulary and the recipe version."""
+    tok = tokenizer or build_tokenizer(cfg)
+    payload = {"cfg": asdict(cfg), "vocab": tok.vocab, "format": PRETRAIN_FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pretrained_dir(cfg: PretrainConfig) -> Path:
+    return cache_dir() / "pretrained" / config_hash(cfg)
+
+
+def build_clip(cfg: PretrainConfig, tokenizer: WordTokenizer) -> CLIPModel:
+    """A randomly initialised ``CLIPModel`` whose text config pools at the tokenizer's EOS."""
+    text = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=cfg.text_width, intermediate_size=cfg.text_mlp,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.context_length, projection_dim=cfg.projection_dim, **tokenizer.special_ids(),
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_width, intermediate_size=cfg.vision_mlp, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        projection_dim=cfg.projection_dim,
+    )
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+
+
+@dataclass
+class _Mix:
+    images: torch.Tensor  # (N, 3, S, S) float32 in [0, 1]
+    labels: torch.Tensor  # (N,) int64 index into class_names (union over parts)
+    class_names: list[str]  # union of the kept class names
+    templates: list[tuple[str, ...]]  # per union class: its domain's templates
+
+
+def _build_mix(cfg: PretrainConfig) -> _Mix:
+    """Images and union labels of the mix, from train splits only (seeded, class-balanced)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    images, labels, names, templates = [], [], [], []
+    for part in cfg.mix:
+        task = load_domain(part.domain, cfg.image_size)
+        keep = [i for i, c in enumerate(task.class_names) if not part.classes or c in part.classes]
+        idx = torch.nonzero(torch.isin(task.train_labels, torch.tensor(keep))).flatten()
+        idx = idx[balanced_subset(task.train_labels[idx], part.max_images, g)]
+        remap = torch.full((task.num_classes,), -1, dtype=torch.long)
+        for i in keep:
+            if task.class_names[i] not in names:
+                names.append(task.class_names[i])
+                templates.append(task.templates)
+            remap[i] = names.index(task.class_names[i])
+        images.append(task.train_images[idx].contiguous())
+        labels.append(remap[task.train_labels[idx]])
+    return _Mix(torch.cat(images), torch.cat(labels), names, templates)
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def zero_shot_row(model: CLIPModel, tokenizer: WordTokenizer, cfg: PretrainConfig) -> dict[str, float]:
+    """Zero-shot accuracy (percent) on each mtil-mini test set (the benchmark's capped subsets)."""
+    names = cfg.eval_domains or DOMAINS
+    tasks = build_mtil_mini("I", shots=1, image_size=cfg.image_size, domains=[n for n in names if n in DOMAINS])
+    return {t.name: round(evaluate_accuracy(model, tokenizer, t), 2) for t in tasks}
+
+
+def _train(cfg: PretrainConfig, tokenizer: WordTokenizer, progress: bool) -> CLIPModel:
+    torch.manual_seed(cfg.seed)
+    model = build_clip(cfg, tokenizer)
+    mix = _build_mix(cfg)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    order = torch.randperm(len(mix.labels), generator=g)
+    pos = 0
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="pretrain CLIP", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        if pos + cfg.batch_size > len(order):
+            order, pos = torch.randperm(len(mix.labels), generator=g), 0
+        idx = order[pos : pos + cfg.batch_size]
+        pos += cfg.batch_size
+        labels = mix.labels[idx]  # (B,)
+        pick = torch.randint(1 << 30, (len(idx),), generator=g)
+        texts = [mix.templates[y][p % len(mix.templates[y])].format(mix.class_names[y])
+                 for y, p in zip(labels.tolist(), pick.tolist())]
+        ids, mask = tokenizer(texts)  # (B, L)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        loss = contrastive_loss(model, mix.images[idx], labels, ids, mask, logit_scale=None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0 or step == cfg.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+def pretrain(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> Path:
+    """Pretrain the small CLIP, measure its zero-shot row, save it atomically; -> its directory."""
+    tokenizer = build_tokenizer(cfg)
+    final = pretrained_dir(cfg)
+    start = time.perf_counter()
+    model = _train(cfg, tokenizer, progress)
+    seconds = time.perf_counter() - start
+    row = zero_shot_row(model, tokenizer, cfg)
+    if progress:
+        print(f"pretrained in {seconds:.1f} s; zero-shot: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (tmp / "zero_shot.json").write_text(json.dumps({"accuracy": row, "train_seconds": seconds}, indent=1))
+        if final.exists():  # another process finished first: keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_pretrained(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> tuple[CLIPModel, WordTokenizer]:
+    """The cached pretrained CLIP and its tokenizer; pretrains first when not cached."""
+    path = pretrained_dir(cfg)
+    if not (path / "model.safetensors").exists():
+        path = pretrain(cfg, progress)
+    model = CLIPModel.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return model, WordTokenizer.load(path / "tokenizer.json")

@@ -1,0 +1,1 @@
+"""Continual-learning engine: task losses, evaluation and the training loop."""

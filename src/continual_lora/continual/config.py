@@ -1,0 +1,109 @@
+"""Typed configs from plain data: nested dicts -> dataclasses, with errors that name the key.
+
+YAML parsing and ``key=value`` overrides happen in the CLI; this module only sees dicts.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value has the wrong type / range. Names the key."""
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return not args or all(_type_ok(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; nested dataclass fields recurse.
+
+    Unknown keys, wrong types and the dataclass's own validation errors raise ConfigError
+    with the dotted key (``train.lr``).
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            kwargs[name] = from_dict(hint, value, prefix + name)
+            continue
+        value = _coerce_sequence(value, hint, prefix + name)
+        if not _type_ok(value, hint):
+            raise ConfigError(f"config key {prefix}{name}: expected {_describe(hint)}, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and hint is float:
+            value = float(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{path or cls.__name__}: {err}") from err
+
+
+def _coerce_sequence(value: Any, hint: Any, path: str) -> Any:
+    """YAML lists -> tuples for tuple fields; dict items -> dataclasses for sequences of dataclasses."""
+    if not isinstance(value, list):
+        return value
+    for option in typing.get_args(hint) or (hint,):
+        origin = typing.get_origin(option)
+        if origin not in (tuple, list):
+            continue
+        args = [a for a in typing.get_args(option) if a is not Ellipsis]
+        if args and dataclasses.is_dataclass(args[0]):
+            value = [from_dict(args[0], v, f"{path}[{i}]") if isinstance(v, dict) else v for i, v in enumerate(value)]
+        return tuple(value) if origin is tuple else value
+    return value
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (possibly nested) as JSON-able data."""
+    if dataclasses.is_dataclass(obj):
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        method = getattr(type(obj), "method", None)
+        return {"method": method, **out} if isinstance(method, str) and method else out
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -77,6 +77,7 @@ def module_types(model: nn.Module) -> dict[str, type]:
 
 
 # --- plain LoRA == peft LoRA ---------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # transformers, via peft
 def test_lora_matches_peft_outputs_and_gradients():
     from peft import LoraConfig, get_peft_model
 
@@ -146,6 +147,14 @@ def test_unload_merge_gives_base_types_keys_and_adapted_outputs():
     assert list(unloaded.state_dict()) == list(base.state_dict())
     assert not hasattr(unloaded, "continual_lora_config")
     torch.testing.assert_close(clip_out(unloaded), adapted, atol=1e-5, rtol=0)
+
+
+def test_unload_merges_the_named_task_even_if_another_is_merged():
+    model = adapt(make_tiny_clip(), tasks=("t1", "t2"))
+    with use_task(model, "t2"):
+        wanted = clip_out(model)
+    merge(model, "t1")
+    torch.testing.assert_close(clip_out(unload(model, merge=True, task="t2")), wanted, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("merged_first", [False, True])
@@ -292,6 +301,7 @@ def test_mha_per_head_weights_match_reference():
     torch.testing.assert_close(weights, ref, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask and attn_mask")  # torch's own MHA
 @pytest.mark.parametrize("batch_first,unbatched,mask,need_weights", ATTENTION_CASES)
 def test_mha_with_zero_b_equals_original(batch_first, unbatched, mask, need_weights):
     original = make_attention(batch_first)
@@ -439,6 +449,32 @@ def test_parameter_accounting_by_hand(plain_model):
     for branch in branches(plain_model).values():
         branch.freeze_task("t1")
     assert parameter_counts(plain_model)["trainable"] == 110
+
+
+def test_first_task_follows_model_device_and_dtype():
+    model = make_tiny_clip().to("meta")  # stands in for an accelerator: no tensor may land on the CPU
+    inject_adapters(model, LoRAConfig(rank=4, targets=TARGETS))
+    add_task(model, "t1")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+    model = make_tiny_clip()
+    inject_adapters(model, LoRAConfig(rank=4, targets=TARGETS))
+    model.to(torch.float64)
+    add_task(model, "t1")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
+def test_half_precision_base_with_fp32_adapters():
+    model = make_tiny_clip().to(torch.bfloat16)
+    inject_adapters(model, LoRAConfig(rank=4, targets=TARGETS))
+    add_task(model, "t1")
+    randomize(model)
+    inputs = clip_inputs()
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    out = model(**inputs, return_loss=True)
+    assert out.logits_per_image.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
 # --- save / load ---------------------------------------------------------------------------

@@ -237,7 +237,9 @@ def test_stability_loss(target: str) -> None:
 
 # --- inference: merge, task switch, errors, save / load -------------------------------------
 def test_merge_switch_errors_and_save_load(tmp_path) -> None:
-    model, base, method = make()
+    release = make()[0]  # lambda_stab = 0: no snapshot buffers are stored
+    assert not any(n.endswith("_prev") for n in release.state_dict())
+    model, base, method = make(lambda_stab=0.1)
     train(model, method, "t0", 0)
     train(model, method, "t1", 1)
     model.eval()
@@ -262,7 +264,7 @@ def test_merge_switch_errors_and_save_load(tmp_path) -> None:
 
     method.save(model, str(tmp_path / "ckpt"))
     fresh = copy.deepcopy(base)
-    loaded = LiLoRA(tiny_config())
+    loaded = LiLoRA(tiny_config(lambda_stab=0.1))
     loaded.load(fresh, str(tmp_path / "ckpt"))
     fresh.eval()
     assert loaded.trained_tasks == ["t0", "t1"] and loaded.task_index == 1

@@ -177,6 +177,22 @@ def test_mask_votes_ties_and_counts():
     assert y[..., :3].abs().max() == 0 and branch.counts.tolist() == [2, 3, 3, 2]
 
 
+def test_votes_are_all_reduced_before_the_mask_under_torch_distributed(monkeypatch):
+    """Every rank must choose the same experts: the mask and counts use the summed votes."""
+    import continual_lora.methods.rank1_pool as r1
+
+    def all_reduce(votes):  # a second rank that voted [0, 0, 3, 3]
+        votes += torch.tensor([0, 0, 3, 3])
+
+    monkeypatch.setattr(r1.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(r1.dist, "all_reduce", all_reduce)
+    branch = identity_router_branch()
+    branch.train()
+    branch(with_token0([[5, 4, 0, 0], [4, 5, 0, 0]]))  # locally {0, 1} twice
+    assert branch.route(with_token0([[5, 4, 0, 0]]))[0].tolist() == [2, 3]
+    assert branch.counts.tolist() == [2, 2, 3, 3]
+
+
 def test_routing_token_axis_and_mean_pooling():
     branch = Rank1PoolConfig(rank=6, top_r=3).build_branch(8, 8)
     branch.seq_dim = 0

@@ -44,7 +44,7 @@ from typing import Union
 import numpy as np
 
 MatrixLike = Union[Sequence[Sequence[float]], np.ndarray]
-Cell = Union[float, int, tuple, None]
+Cell = Union[float, int, str, tuple, None]
 
 AFTER_COLUMN = "after"
 MTIL_KEYS = ("transfer", "average", "last", "bwt", "forgetting")
@@ -275,6 +275,8 @@ def _format_cell(value: Cell) -> str:
     if isinstance(value, tuple):
         mean, std = value
         return f"{float(mean):.2f} ± {float(std):.2f}"
+    if isinstance(value, str):  # preformatted (e.g. parameter counts)
+        return value
     return f"{float(value):.2f}"
 
 

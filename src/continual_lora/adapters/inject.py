@@ -77,6 +77,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
         p.requires_grad_(False)
     with torch.device(device):
         _wrap(model, config, chosen)
+    for layer in adapted_layers(model).values():
+        layer.train(layer.base_layer.training)  # new branches follow the model's train / eval mode
     setattr(model, CONFIG_ATTR, config)
     return chosen
 
@@ -188,10 +190,10 @@ def unload(model: nn.Module, merge: bool = True, task: str | None = None) -> nn.
     Returns the same model object, now with exactly the original module types and keys.
     """
     for name, layer in _require_adapters(model).items():
+        if not merge or (task is not None and layer.merged_task != task):
+            layer.unmerge()  # another task's update is folded in: take it out first
         if merge and not layer.merged:
             layer.merge(task)
-        elif not merge:
-            layer.unmerge()
         parent, attr = _get_parent(model, name)
         setattr(parent, attr, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):

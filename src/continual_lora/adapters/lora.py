@@ -57,6 +57,9 @@ class LoRABranch(AdapterBranch):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()  # task -> (r, in)
         self.lora_B = nn.ParameterDict()  # task -> (out, r)
+        # where the first task's factors go: created on the model's device by inject_adapters and
+        # moved by .to(); non-persistent, so it is in no checkpoint
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     @property
     def tasks(self) -> list[str]:
@@ -65,8 +68,8 @@ class LoRABranch(AdapterBranch):
     def add_task(self, task: str) -> None:
         if task in self.lora_A:
             raise ValueError(f"task {task!r} already exists")
-        ref = next(iter(self.lora_A.values()), None)
-        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        ref = next(iter(self.lora_A.values()), self.anchor)
+        kw = {"device": ref.device, "dtype": ref.dtype}
         a = torch.empty(self.rank, self.in_features, **kw)
         if self.init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -81,6 +84,7 @@ class LoRABranch(AdapterBranch):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
+        x = x.to(a.dtype)  # e.g. fp32 factors on a bf16 base model; the wrapper casts back
         return F.linear(F.linear(self.dropout(x), a), b) * self.scale  # (..., out)
 
     def delta_weight(self, task: str | None = None) -> torch.Tensor:

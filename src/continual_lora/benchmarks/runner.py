@@ -222,10 +222,10 @@ def compare(run_dirs: list[str | Path], plot_path: str | Path | None = None) -> 
         for key in names:
             vals = torch.tensor([r["metrics"][key] for r in runs], dtype=torch.float64)
             row[key] = (float(vals.mean()), float(vals.std())) if len(runs) > 1 else float(vals[0])
-        row["trainable"] = runs[0]["params"]["trainable"]
-        row["stored"] = runs[0]["params"]["stored"]
-        row["wall_time_s"] = sum(r["wall_time_s"] for r in runs) / len(runs)
-        row["seeds"] = len(runs)
+        row["trainable"] = f"{runs[0]['params']['trainable']:,}"
+        row["stored"] = f"{runs[0]['params']['stored']:,}"
+        row["wall_time_s"] = f"{sum(r['wall_time_s'] for r in runs) / len(runs):.0f}"
+        row["seeds"] = str(len(runs))
         rows[label] = row
     if plot_path is not None:
         plots.comparison(rows, names, plot_path)

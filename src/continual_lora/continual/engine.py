@@ -207,7 +207,7 @@ class ContinualTrainer:
             value = float(total.detach())
             if step >= steps - max(1, steps // 10):
                 tail_losses.append(value)
-            bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v):.3g}" for k, v in terms.items()})
+            bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in terms.items()})
         self.model.eval()
         self.method.end_task(self.model, task_name(task), index)
         return sum(tail_losses) / len(tail_losses), sum(p.numel() for p in params)
@@ -221,6 +221,7 @@ class ContinualTrainer:
             state.zero_shot = self.evaluate_all(label="zero-shot", base=True)
             if self.xtail:
                 state.xtail_zero_shot = self.evaluate_all(xtail=True, label="zero-shot x-tail", base=True)
+            torch.manual_seed(self.config.seed * 100_003)  # adapter initialisation depends on the seed only
             self.method.attach(self.model)
             self.model.to(self.config.device)
         for index in range(state.completed, len(self.tasks)):

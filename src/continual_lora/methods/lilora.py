@@ -111,8 +111,10 @@ class LiLoRABranch(AdapterBranch):
         self.P = nn.ParameterDict()  # task -> (out, s)
         self.Q = nn.ParameterDict()  # task -> (s, r)
         self.g = nn.ParameterDict()  # task -> () gate logit
-        # snapshots of the shared tensors the stability loss compares with (saved with the adapter)
-        self.snapshot_names = {"A": ("A",), "B0": ("B0",), "both": ("A", "B0")}[config.stability_target]
+        # snapshots of the shared tensors the stability loss compares with (saved with the adapter);
+        # none at lambda_stab = 0, so the release setting stores nothing extra
+        targets = {"A": ("A",), "B0": ("B0",), "both": ("A", "B0")}[config.stability_target]
+        self.snapshot_names = targets if config.lambda_stab > 0 else ()
         for name in self.snapshot_names:
             self.register_buffer(f"{name}_prev", getattr(self, name).detach().clone())
 

@@ -141,7 +141,7 @@ class Rank1PoolBranch(AdapterBranch):
         self.router = nn.Linear(in_features, config.rank)
         self.register_buffer("counts", torch.zeros(config.rank, dtype=torch.long))
         self.records = nn.ModuleDict()
-        self.forced_mask: torch.Tensor | None = None  # set: use these experts, skip routing and counting
+        self.forced_mask: torch.Tensor | None = None  # set: these experts, unweighted; no routing or counting
         self._folded: set[str] = set()  # tasks already added to the base weight in this process
         self.reset()
 
@@ -182,7 +182,7 @@ class Rank1PoolBranch(AdapterBranch):
             mask = self.forced_mask.to(self.lora_A.device)
         else:
             mask, probs, votes = self.route(x)
-            if True:
+            if self.training:
                 self.counts += votes
             if self.router_mode == "learned":
                 gate = probs.index_select(1, mask).mean(0)  # (R,) batch-mean probability of each chosen expert

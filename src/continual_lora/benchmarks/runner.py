@@ -13,7 +13,7 @@ import resource
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,8 +45,8 @@ class BenchmarkConfig:
     train_templates: str = "first"  # prompts for training captions: "first" (DAC release) or "all"
 
     def __post_init__(self) -> None:
-        if self.name != "mtil-mini":
-            raise ValueError(f"benchmark.name: unknown benchmark {self.name!r} (available: mtil-mini)")
+        if self.name not in BENCHMARK_BUILDERS:
+            raise ValueError(f"benchmark.name: unknown benchmark {self.name!r} (available: {sorted(BENCHMARK_BUILDERS)})")
         if self.order not in ORDERS:
             raise ValueError(f"benchmark.order must be one of {sorted(ORDERS)}, got {self.order!r}")
         if self.shots is not None and self.shots <= 0:
@@ -170,11 +170,13 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> None:
         plots.task_curves(results, run_dir / "curves.png")
 
 
-def run_method(config: RunConfig, label: str, method: Method, resume: bool = False,
-               overwrite: bool = False, log: Any = print) -> dict[str, Any]:
-    """Train ``method`` through the benchmark; write and return its results."""
-    run_dir = Path(config.output_dir) / config.name / label
-    prepare_run_dir(run_dir, resume, overwrite)
+def load_clip_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
+    """The CLIP the benchmark starts from and its tokenizer (callable: texts -> (ids, mask))."""
+    return load_pretrained(config.pretrain, progress=config.train.progress)
+
+
+def build_mtil_mini_run(config: RunConfig) -> tuple[torch.nn.Module, Any, list[Any]]:
+    """(model, task kind, tasks) of the mtil-mini benchmark."""
     bench = config.benchmark
     try:
         tasks = build_mtil_mini(order=bench.order, shots=bench.shots, image_size=bench.image_size, seed=config.seed,
@@ -182,20 +184,34 @@ def run_method(config: RunConfig, label: str, method: Method, resume: bool = Fal
                                 max_test_per_task=bench.max_test_per_task, domains=bench.domains)
     except ValueError as err:
         raise ConfigError(f"benchmark: {err}") from err
-    model, tokenizer = load_pretrained(config.pretrain, progress=config.train.progress)
+    model, tokenizer = load_clip_model(config)
     kind = ClipClassification(tokenizer, tasks, device=config.train.device, logit_scale=config.logit_scale,
                               train_templates=bench.train_templates)
+    return model, kind, tasks
+
+
+# benchmark name -> builder(config) -> (model, task kind, tasks)
+BENCHMARK_BUILDERS: dict[str, Callable[[RunConfig], tuple[torch.nn.Module, Any, list[Any]]]] = {
+    "mtil-mini": build_mtil_mini_run,
+}
+
+
+def run_method(config: RunConfig, label: str, method: Method, resume: bool = False,
+               overwrite: bool = False, log: Any = print) -> dict[str, Any]:
+    """Train ``method`` through the benchmark; write and return its results."""
+    run_dir = Path(config.output_dir) / config.name / label
+    prepare_run_dir(run_dir, resume, overwrite)
+    model, kind, tasks = BENCHMARK_BUILDERS[config.benchmark.name](config)
     train = config.train
     if train.seed != config.seed:
         train = TrainConfig(**{**to_dict(train), "seed": config.seed})
     trainer = ContinualTrainer(
-        model, method, kind, tasks, train, checkpoint_dir=run_dir, xtail=bench.xtail,
+        model, method, kind, tasks, train, checkpoint_dir=run_dir, xtail=config.benchmark.xtail,
         on_task_end=lambda state: write_results(run_dir, results_dict(config, label, method, state, model, kind.protocol)),
     )
     log(f"[{label}] {len(tasks)} tasks: {', '.join(t.name for t in tasks)} -> {run_dir}")
     state = trainer.run(resume=resume)
     results = results_dict(config, label, method, state, model, kind.protocol)
-    results["wall_time_s"] = round(state.elapsed_s, 2)
     write_results(run_dir, results)
     return results
 

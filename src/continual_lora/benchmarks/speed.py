@@ -88,7 +88,8 @@ def interleaved(fns: dict[str, Callable[[], None]], steps: int, warmup: int, dev
                 progress: Callable[[str], None] | None = None) -> tuple[dict[str, list[float]], dict[str, int | None]]:
     """Run every fn ``warmup`` times, then ``steps`` timed rounds, rotating the order each round.
 
-    Returns the seconds of each timed call and, on CUDA, each fn's peak allocated bytes.
+    Returns the seconds of each timed call and, on CUDA, the peak allocated bytes during each
+    fn's calls (everything resident counts: all models of the run, not only that fn's).
     """
     names = list(fns)
     cuda = device.startswith("cuda")
@@ -177,7 +178,8 @@ def run_speed_bench(
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        r, alpha, dropout = rank or LORA_RANK, LORA_ALPHA * (rank or LORA_RANK) / LORA_RANK, 0.0
+        r, dropout = rank or LORA_RANK, 0.0
+        alpha = LORA_ALPHA * r / LORA_RANK  # scale alpha / r stays 2 for any rank
         subject = _our_lora(base, r, alpha, dropout).train()
         reference = get_peft_model(copy.deepcopy(base), LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(TARGETS))).train()

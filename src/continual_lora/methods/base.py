@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from ..adapters import (
+    AdapterBranch,
     AdapterConfig,
+    add_task,
     disable_adapters,
     inject_adapters,
     load_adapter,
@@ -126,6 +128,30 @@ class Method:
     @staticmethod
     def branches(model: nn.Module) -> dict[str, Any]:
         return branches(model)
+
+
+B = TypeVar("B", bound=AdapterBranch)
+
+
+def typed_branches(model: nn.Module, cls: type[B]) -> dict[str, B]:
+    """The model's branches of type ``cls`` (an error if there are none: the method is not attached)."""
+    found = {name: b for name, b in branches(model).items() if isinstance(b, cls)}
+    if not found:
+        raise ValueError(f"model has no {cls.__name__} adapters; attach the method (or inject its config) first")
+    return found
+
+
+def open_task(model: nn.Module, found: dict[str, Any], task: str) -> None:
+    """Create ``task``'s factors (unless resuming it), select it, and train only its factors.
+
+    ``found`` are branches with per-task factors and ``freeze_task(task, frozen)``.
+    """
+    if task not in next(iter(found.values())).tasks:  # a resumed task keeps its factors
+        add_task(model, task)
+    for branch in found.values():
+        branch.set_task(task)
+        for other in branch.tasks:
+            branch.freeze_task(other, frozen=other != task)
 
 
 METHODS: dict[str, type[Method]] = {}

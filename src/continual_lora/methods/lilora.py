@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import AdapterBranch, AdapterConfig, ParamCount, UnknownTaskError, add_task, register_adapter
+from ..adapters import AdapterBranch, AdapterConfig, ParamCount, UnknownTaskError, register_adapter
 from ..adapters.inject import CONFIG_ATTR, adapted_layers
 from ..adapters.layers import AdaptedLinear
-from .base import Method, register_method
+from .base import Method, open_task, register_method, typed_branches
 
 STABILITY_TARGETS = ("A", "B0", "both")
 
@@ -177,10 +177,7 @@ class LiLoRABranch(AdapterBranch):
 
 
 def lilora_branches(model: nn.Module) -> dict[str, LiLoRABranch]:
-    found = {name: b for name, b in Method.branches(model).items() if isinstance(b, LiLoRABranch)}
-    if not found:
-        raise ValueError("model has no LiLoRA adapters; attach the method (or inject a LiLoRAConfig) first")
-    return found
+    return typed_branches(model, LiLoRABranch)
 
 
 def stability_loss(model: nn.Module) -> torch.Tensor:
@@ -205,16 +202,11 @@ class LiLoRA(Method):
 
     def begin_task(self, model: nn.Module, task: str, index: int) -> None:
         found = lilora_branches(model)
-        first = next(iter(found.values()))
-        if task not in first.tasks:  # a resumed task keeps its factors and its snapshot
-            if index >= 1:
-                for branch in found.values():
-                    branch.snapshot()
-            add_task(model, task)
+        if index >= 1 and task not in next(iter(found.values())).tasks:  # a resumed task keeps its snapshot
+            for branch in found.values():
+                branch.snapshot()
+        open_task(model, found, task)
         for branch in found.values():
-            branch.set_task(task)
-            for other in branch.tasks:
-                branch.freeze_task(other, frozen=other != task)
             branch.B0.requires_grad_(not (index >= 1 and self.config.freeze_shared_b_after_first_task))
             branch.A.requires_grad_(not (index >= 1 and self.config.freeze_shared_a))
         self.task_index = index

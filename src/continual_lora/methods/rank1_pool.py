@@ -169,9 +169,10 @@ class Rank1PoolBranch(AdapterBranch):
             probs = self.router(token).softmax(dim=-1)  # (N, r)
         top = _ranked(probs.detach())[:, : self.top_r]  # (N, R) each sample's votes
         votes = torch.zeros(probs.shape, dtype=torch.long, device=probs.device).scatter_(1, top, 1).sum(0)  # (r,)
-        if dist.is_available() and dist.is_initialized():
+        if self.training and dist.is_available() and dist.is_initialized():
             # every rank must pick the same experts (and count the same votes) or the replicas'
-            # updates, and later the merged sets S, would differ between ranks
+            # updates, and later the merged sets S, would differ between ranks. Training only:
+            # evaluation scores a different shard (and number of batches) on each rank
             dist.all_reduce(votes)
         mask = _ranked(votes)[: self.top_r].sort().values  # (R,)
         return mask, probs, votes

@@ -78,21 +78,14 @@ def _package_dir(module: str, pip_spec: str, relpath: str) -> Path:
     )
 
 
-def _split_80_20(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified seeded 80/20 split -> (train indices, test indices)."""
+def _split_80_20(x: torch.Tensor, y: torch.Tensor) -> Raw:
+    """Stratified seeded (SPLIT_SEED) 80/20 split of images ``x`` (N, ...) and labels ``y`` (N,)."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    train, test = [], []
-    for c in labels.unique().tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        cut = int(round(0.8 * len(idx)))
-        train.append(idx[:cut])
-        test.append(idx[cut:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
-
-
-def _from_split(x: torch.Tensor, y: torch.Tensor) -> Raw:
-    tr, te = _split_80_20(y)
+    parts = [torch.nonzero(y == c).flatten() for c in y.unique().tolist()]
+    parts = [idx[torch.randperm(len(idx), generator=g)] for idx in parts]
+    cuts = [int(round(0.8 * len(idx))) for idx in parts]
+    tr = torch.cat([idx[:k] for idx, k in zip(parts, cuts)]).sort().values
+    te = torch.cat([idx[k:] for idx, k in zip(parts, cuts)]).sort().values
     return x[tr], y[tr], x[te], y[te]
 
 
@@ -101,7 +94,7 @@ def _load_digits() -> Raw:
 
     d = load_digits()
     x = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # (1797, 1, 8, 8)
-    return _from_split(x, torch.from_numpy(d.target).long())
+    return _split_80_20(x, torch.from_numpy(d.target).long())
 
 
 def _load_mnist() -> Raw:
@@ -123,7 +116,7 @@ def _load_animals() -> Raw:
         x = torch.from_numpy(np.ascontiguousarray(pickle.load(f))).unsqueeze(1)  # (10000,1,28,28)
     with gzip.open(root / "animal_label_version_3.gz", "rb") as f:
         y = torch.from_numpy(np.asarray(pickle.load(f))).long()
-    return _from_split(x, y)
+    return _split_80_20(x, y)
 
 
 def _read_rgb(paths: Sequence[Path]) -> torch.Tensor:
@@ -190,7 +183,7 @@ def _load_textile() -> Raw:
         files = sorted((root / sub).glob("*.jpg"))
         paths += files
         labels += [label] * len(files)
-    return _from_split(_read_rgb(paths), torch.tensor(labels, dtype=torch.long))  # (2000,3,250,250)
+    return _split_80_20(_read_rgb(paths), torch.tensor(labels, dtype=torch.long))  # (2000,3,250,250)
 
 
 def _find_idx(stem: str) -> Path | None:
@@ -216,20 +209,30 @@ def _load_fashion() -> Raw:
 
 @dataclass(frozen=True)
 class _DomainSpec:
+    loader: Callable[[], Raw]  # native-resolution images (uint8 or float in [0, 1]) and labels
     class_names: tuple[str, ...]  # natural-language class names, label order
     templates: tuple[str, ...]  # prompt templates with "{}"
-    loader: Callable[[], Raw]  # native-resolution images (uint8 or float in [0, 1]) and labels
 
 
 _DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+_CLOTHES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+_TEXTILE = ("nominal fabric", "fabric with a local defect", "fabric with a global defect")
 _SPECS: dict[str, _DomainSpec] = {
-    "digits": _DomainSpec(_DIGITS, ("a low resolution photo of the digit {}.", "a blurry scan of a handwritten {}.", "a tiny image of the number {}."), _load_digits),
-    "mnist": _DomainSpec(_DIGITS, ('a photo of the number: "{}".', "a photo of the digit {}.", "a handwritten {}."), _load_mnist),
-    "animals": _DomainSpec(("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"), ("a silhouette of a {}.", "a black and white shape of a {}.", "a photo of a {}."), _load_animals),
-    "shapes": _DomainSpec(_SHAPES, ("a photo of a {}.", "a drawing of a {}.", "a {} on a white background."), lambda: _load_easy_vqa(0)),
-    "colors": _DomainSpec(_COLORS, ("a photo of a {} shape.", "a shape coloured {}.", "something {} on a plain background."), lambda: _load_easy_vqa(1)),
-    "textile": _DomainSpec(("nominal fabric", "fabric with a local defect", "fabric with a global defect"), ("a photo of {}.", "a close-up of {}.", "a textile inspection image of {}."), _load_textile),
-    "fashion": _DomainSpec(("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"), ("a photo of a {}.", "a grayscale photo of a {}.", "a product photo of a {}."), _load_fashion),
+    "digits": _DomainSpec(_load_digits, _DIGITS, (
+        "a low resolution photo of the digit {}.", "a blurry scan of a handwritten {}.", "a tiny picture of a {}.")),
+    "mnist": _DomainSpec(_load_mnist, _DIGITS, (
+        'a photo of the number: "{}".', "a photo of the digit {}.", "a handwritten {}.")),
+    "animals": _DomainSpec(_load_animals, _ANIMALS, (
+        "a silhouette of a {}.", "a black and white shape of a {}.", "a photo of a {}.")),
+    "shapes": _DomainSpec(lambda: _load_easy_vqa(0), _SHAPES, (
+        "a photo of a {}.", "a drawing of a {}.", "a {} on a white background.")),
+    "colors": _DomainSpec(lambda: _load_easy_vqa(1), _COLORS, (
+        "a photo of a {} shape.", "a shape coloured {}.", "something {} on a plain background.")),
+    "textile": _DomainSpec(_load_textile, _TEXTILE, (
+        "a photo of {}.", "a close-up of {}.", "a textile inspection image of {}.")),
+    "fashion": _DomainSpec(_load_fashion, _CLOTHES, (
+        "a photo of a {}.", "a grayscale photo of a {}.", "a product photo of a {}.")),
 }
 KNOWN_DOMAINS: tuple[str, ...] = tuple(sorted(_SPECS))  # every domain this module can describe
 _HAS_FASHION = all(_find_idx(s) is not None for s in ("train-images-idx3", "t10k-images-idx3"))
@@ -282,6 +285,7 @@ def load_domain(name: str, image_size: int = 32) -> ImageTask:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         save_file(t, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)  # atomic: readers never see a half-written file
     return ImageTask(name, class_names, templates, _to_float3(t["train_images"]), t["train_labels"],
                      _to_float3(t["test_images"]), t["test_labels"])

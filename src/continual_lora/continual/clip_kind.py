@@ -15,9 +15,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .clip_task import WordTokenizer, captions_for, contrastive_loss, evaluate_accuracy, text_classifier
+from .clip_task import (
+    WordTokenizer,
+    captions_for,
+    contrastive_loss,
+    encode_images,
+    encode_texts,
+    evaluate_accuracy,
+    text_classifier,
+)
 
 
 class ClipClassification:
@@ -67,3 +76,37 @@ class ClipClassification:
         labels = index[task.test_labels]
         return evaluate_accuracy(model, self.tokenizer, (task.test_images, labels),
                                  batch_size=self.eval_batch_size, classifier=self._union_classifier(model))
+
+    # --- features for distillation methods (LwF-VR, ZSCL); all differentiable unless stated ---
+    def image_features(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, D) unit image features of a batch's (or any dict's) ``images``."""
+        return F.normalize(encode_images(model, batch["images"]), dim=-1)
+
+    def text_features(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) unit features of raw texts."""
+        ids, mask = self.tokenizer(list(texts))
+        return F.normalize(encode_texts(model, ids, mask), dim=-1)
+
+    def class_features(self, model: nn.Module, tasks: Sequence[Any], with_grad: bool = True) -> torch.Tensor:
+        """(C, D) classifier rows over the distinct class names of ``tasks``, in order, each built as
+        evaluation builds it, with the templates of the first task that names it. ``with_grad=False``:
+        eval mode and no_grad, as :func:`text_classifier` documents."""
+        seen: list[str] = []
+        rows = []
+        for task in tasks:
+            names = [n for n in dict.fromkeys(task.class_names) if n not in seen]
+            if names:
+                seen += names
+                rows.append(text_classifier(model, self.tokenizer, names, task.templates, with_grad=with_grad))
+        return torch.cat(rows)
+
+    def random_sentences(self, n: int, words: int, generator: torch.Generator) -> list[str]:
+        """``n`` sentences of ``words`` tokens drawn uniformly from the tokenizer's vocabulary
+        minus special tokens and every token of every stream class name: text outside the stream
+        (the ZSCL release's "random" reference sentences are random token ids likewise)."""
+        banned = {w for name in self.union for w in self.tokenizer.split(name)}
+        pool = [w for w in self.tokenizer.vocab[len(WordTokenizer.SPECIALS):] if w not in banned]
+        if not pool:
+            raise ValueError("the tokenizer has no word outside the stream's class names")
+        pick = torch.randint(len(pool), (n, words), generator=generator)
+        return [" ".join(pool[i] for i in row) for row in pick.tolist()]

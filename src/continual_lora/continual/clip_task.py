@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import gather_batch
+
 IMAGE_MEAN = 0.5  # per-channel mean used by normalize_images (pretraining uses the same)
 IMAGE_STD = 0.5  # per-channel std used by normalize_images
 DEFAULT_LOGIT_SCALE = 100.0  # MTIL / DAC evaluate and fine-tune with a frozen 100 * cosine
@@ -186,11 +188,12 @@ def contrastive_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     ``logit_scale=None`` uses the model's learnable ``exp(logit_scale)`` clamped at 100 (CLIP
     pretraining); the default 100 is the frozen scale of the DAC release.
     """
-    img = F.normalize(encode_images(model, images), dim=-1)  # (B, D)
-    txt = F.normalize(encode_texts(model, text_ids, text_mask), dim=-1)  # (B, D)
+    # data-parallel training: rows of every rank, so each rank computes the global batch's loss
+    img = gather_batch(F.normalize(encode_images(model, images), dim=-1))  # (B, D)
+    txt = gather_batch(F.normalize(encode_texts(model, text_ids, text_mask), dim=-1))  # (B, D)
     scale = model.logit_scale.exp().clamp(max=100.0) if logit_scale is None else logit_scale
     logits = scale * img @ txt.t()  # (B, B)
-    targets = soft_targets(labels.to(logits.device))
+    targets = soft_targets(gather_batch(labels.to(logits.device)))
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 
 

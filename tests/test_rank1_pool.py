@@ -397,3 +397,18 @@ def test_parameter_count_vit_b16_release_setting_on_meta():
     # per layer r (in + out) for A, B and in * r + r for the router
     assert counts["trainable"] == counts["shared"] == 4_978_368
     assert math.isclose(counts["trainable"] * 4 / 2**20, 18.99, abs_tol=0.01)  # fp32 MB, as reported
+
+
+def test_gradient_checkpointing_counts_votes_once() -> None:
+    """A checkpointed block re-runs its forward inside backward; the votes must not count twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    method = Rank1Pool(Rank1PoolConfig(targets=["0"], rank=4, top_r=2, dropout=0.0))
+    method.attach(model)
+    method.begin_task(model, "t", 0)
+    model.train()
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    checkpoint(model, x, use_reentrant=False).sum().backward()
+    branch = next(iter(branches(model).values()))
+    assert int(branch.counts.sum()) == 5 * 2  # 5 samples x top_r votes, counted once

@@ -61,6 +61,7 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
 # --- commands -----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from .benchmarks.runner import RunConfig, build_methods, compare, run_method
+    from .continual.distributed import process_rank
 
     config = from_dict(RunConfig, load_yaml(args.config, args.overrides))
     methods = build_methods(config)  # validates every method before any training
@@ -69,11 +70,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--method {unknown}: not in the config (have {sorted(methods)})")
         methods = {k: v for k, v in methods.items() if k in args.method}
+    main_process = process_rank() == 0  # under torchrun / accelerate launch only rank 0 reports
     run_dirs = []
     for label, method in methods.items():
         results = run_method(config, label, method, resume=args.resume, overwrite=args.overwrite)
         run_dirs.append(Path(config.output_dir) / config.name / label)
-        print(f"[{label}] " + json.dumps(results["metrics"]) + f"  ({results['wall_time_s']:.0f} s)")
+        if main_process:
+            print(f"[{label}] " + json.dumps(results["metrics"]) + f"  ({results['wall_time_s']:.0f} s)")
+    if not main_process:
+        return 0
     root = Path(config.output_dir) / config.name
     print()
     print(compare(run_dirs, plot_path=root / "comparison.png"))

@@ -7,6 +7,7 @@ config keys}``; the method's own config dataclass validates the keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -21,11 +22,16 @@ from .. import __version__, metrics
 from ..adapters import parameter_counts
 from ..continual.clip_kind import ClipClassification
 from ..continual.config import ConfigError, from_dict, to_dict
+from ..continual.distributed import Runtime
 from ..continual.engine import ContinualTrainer, RunState, TrainConfig
 from ..methods import METHODS, Method
 from . import plots
+from .cvit import build_cvit_run
+from .cvit_mini import build_cvit_mini_run
+from .llava_mini import LlavaMiniConfig
+from .models import ModelConfig, check_model, load_clip
 from .mtil_mini import ORDERS, build_mtil_mini
-from .pretrain import PretrainConfig, load_pretrained
+from .pretrain import PretrainConfig
 
 RESULTS = "results.json"
 
@@ -43,6 +49,12 @@ class BenchmarkConfig:
     domains: list[str] | None = None  # keep only these domains (in the order's sequence)
     xtail: bool = False  # also evaluate X-TAIL: classify over the union of all class names
     train_templates: str = "first"  # prompts for training captions: "first" (DAC release) or "all"
+    llava: LlavaMiniConfig = field(default_factory=LlavaMiniConfig)  # cvit-mini: LLaVA-mini assembly + projector alignment
+    model_path: str | None = None  # cvit: LLaVA checkpoint folder or HF id already cached (never downloaded)
+    instruction_root: str | None = None  # cvit: <root>/<Task>/train.json + test.json (or val.json), LLaVA format
+    image_root: str | None = None  # cvit: folder the instruction files' image paths are relative to
+    max_new_tokens: int | None = None  # cvit, cvit-mini: greedy tokens per answer (None: by answer format)
+    evaluate_future: bool = True  # cvit, cvit-mini: false = after task k score tasks 0..k only (CVIT's triangle)
 
     def __post_init__(self) -> None:
         if self.name not in BENCHMARK_BUILDERS:
@@ -63,6 +75,7 @@ class RunConfig:
     output_dir: str = "runs"  # root of all run directories
     seed: int = 0  # data split, initialisation and batch order
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the CLIP to adapt: pretrained-tiny, hf (local) or random
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logit_scale: float = 100.0  # logits = scale * cosine (frozen, as in the DAC release)
@@ -172,7 +185,7 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> None:
 
 def load_clip_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
     """The CLIP the benchmark starts from and its tokenizer (callable: texts -> (ids, mask))."""
-    return load_pretrained(config.pretrain, progress=config.train.progress)
+    return load_clip(config.model, config.pretrain, seed=config.seed, progress=config.train.progress)
 
 
 def build_mtil_mini_run(config: RunConfig) -> tuple[torch.nn.Module, Any, list[Any]]:
@@ -193,26 +206,46 @@ def build_mtil_mini_run(config: RunConfig) -> tuple[torch.nn.Module, Any, list[A
 # benchmark name -> builder(config) -> (model, task kind, tasks)
 BENCHMARK_BUILDERS: dict[str, Callable[[RunConfig], tuple[torch.nn.Module, Any, list[Any]]]] = {
     "mtil-mini": build_mtil_mini_run,
+    "cvit-mini": build_cvit_mini_run,  # LLaVA-mini instruction tuning on bundled data (cvit_mini.py)
+    "cvit": build_cvit_run,  # LLaVA-1.5 on the CVIT instruction files (cvit.py; local files only)
 }
 
 
 def run_method(config: RunConfig, label: str, method: Method, resume: bool = False,
                overwrite: bool = False, log: Any = print) -> dict[str, Any]:
-    """Train ``method`` through the benchmark; write and return its results."""
+    """Train ``method`` through the benchmark; write and return its results.
+
+    Under torchrun / accelerate launch every rank calls this; rank 0 alone writes the run
+    directory (see :mod:`continual_lora.continual.distributed`).
+    """
+    check_model(config.model, config.benchmark.image_size)  # a missing model fails before anything runs
+    runtime = Runtime.from_env(config.train.device, config.train.precision)
+    if runtime.device != config.train.device:  # "cuda" -> this rank's "cuda:<local rank>"
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=runtime.device))
     run_dir = Path(config.output_dir) / config.name / label
-    prepare_run_dir(run_dir, resume, overwrite)
-    model, kind, tasks = BENCHMARK_BUILDERS[config.benchmark.name](config)
+    runtime.on_main(prepare_run_dir, run_dir, resume, overwrite)
+    with runtime.main_first():  # rank 0 fills the data and model caches, then the others read them
+        model, kind, tasks = BENCHMARK_BUILDERS[config.benchmark.name](config)
     train = config.train
     if train.seed != config.seed:
         train = TrainConfig(**{**to_dict(train), "seed": config.seed})
+
+    def results_of(state: RunState) -> dict[str, Any]:
+        out = {**results_dict(config, label, method, state, model, kind.protocol), "runtime": runtime.describe()}
+        return kind.extra_results(out) if hasattr(kind, "extra_results") else out  # a kind's own numbers (cvit: MIF)
+
     trainer = ContinualTrainer(
         model, method, kind, tasks, train, checkpoint_dir=run_dir, xtail=config.benchmark.xtail,
-        on_task_end=lambda state: write_results(run_dir, results_dict(config, label, method, state, model, kind.protocol)),
+        on_task_end=(lambda state: write_results(run_dir, results_of(state))) if runtime.is_main else None,
+        runtime=runtime,
     )
-    log(f"[{label}] {len(tasks)} tasks: {', '.join(t.name for t in tasks)} -> {run_dir}")
+    if runtime.is_main:
+        log(f"[{label}] {len(tasks)} tasks: {', '.join(t.name for t in tasks)} -> {run_dir}")
     state = trainer.run(resume=resume)
-    results = results_dict(config, label, method, state, model, kind.protocol)
-    write_results(run_dir, results)
+    results = results_of(state)
+    if runtime.is_main:
+        write_results(run_dir, results)
+    runtime.barrier()
     return results
 
 

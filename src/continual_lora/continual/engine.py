@@ -10,6 +10,7 @@ business of a :class:`~continual_lora.methods.Method`. The trainer only knows th
         loss = kind.loss(model, batch) + sum(method.loss_terms(model, batch).values())
         method.end_task
         R[j] = evaluate all tasks (trained and future)               (row j of the matrix)
+               (a kind with ``evaluate_future = False``: tasks 0..j; later entries repeat R0)
         checkpoint (method state + rows so far), atomically
 
 Determinism: every task starts from ``seed`` mixed with the task index, so a run resumed at
@@ -192,11 +193,18 @@ class ContinualTrainer:
         self.on_task_end = on_task_end  # callback(state) after each task's checkpoint
 
     # --- evaluation ---------------------------------------------------------------------
-    def evaluate_all(self, xtail: bool = False, label: str = "eval", base: bool = False) -> list[float]:
-        """Score every task; ``base`` = the model before the method's adapters exist."""
+    def evaluate_all(self, xtail: bool = False, label: str = "eval", base: bool = False, upto: int | None = None,
+                     fill: Sequence[float] = ()) -> list[float]:
+        """Score every task; ``base`` = the model before the method's adapters exist.
+
+        ``upto``: score tasks 0..upto only; each later task's entry is copied from ``fill``.
+        """
         scores = []
         bar = tqdm(self.tasks, desc=label, leave=False, disable=not (self.config.progress and self.runtime.is_main))
-        for task in bar:
+        for i, task in enumerate(bar):
+            if upto is not None and i > upto:
+                scores.append(float(fill[i]))
+                continue
             select = contextlib.nullcontext() if base else self.method.evaluating(
                 self.model, None if xtail else task_name(task))
             with select:
@@ -225,7 +233,7 @@ class ContinualTrainer:
         runtime = self.runtime
         train_step = runtime.train_step(self.model, self.method, self.kind)  # DDP-wrapped per task when distributed
         scaler = runtime.grad_scaler()
-        runtime.seed_per_rank(seed)
+        shared_rng = runtime.fork_rng(seed)  # distributed: per-rank dropout masks while training
         self.model.train()
         tail_losses: list[float] = []
         bar = tqdm(range(steps), desc=f"train {task_name(task)} [{index + 1}/{len(self.tasks)}]",
@@ -246,6 +254,7 @@ class ContinualTrainer:
                 tail_losses.append(value)
             bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in terms.items()})
         del train_step  # drops DDP's gradient hooks before the next task re-wraps the model
+        runtime.join_rng(shared_rng)
         self.model.eval()
         self.method.end_task(self.model, task_name(task), index)
         runtime.check_replicas(self.model, f"after task {task_name(task)!r}")
@@ -273,7 +282,9 @@ class ContinualTrainer:
             loss, trainable = self.train_task(task, index)
             state.train_losses.append(loss)
             state.trainable_params.append(trainable)
-            state.matrix.append(self.evaluate_all(label=f"eval after {task_name(task)}"))
+            future = getattr(self.kind, "evaluate_future", True)  # False (CVIT): tasks 0..index, the rest = zero-shot
+            state.matrix.append(self.evaluate_all(label=f"eval after {task_name(task)}",
+                                                  upto=None if future else index, fill=state.zero_shot))
             if self.xtail:
                 state.xtail_matrix.append(self.evaluate_all(xtail=True, label="eval x-tail"))
             seconds = time.perf_counter() - start

@@ -105,6 +105,11 @@ class Rank1PoolConfig(AdapterConfig):
         return Rank1PoolBranch(in_features, out_features, self)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed block recomputing its forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _ranked(t: torch.Tensor) -> torch.Tensor:
     """Indices along the last dim, largest first; equal values keep the lower index first."""
     return torch.sort(t, dim=-1, descending=True, stable=True).indices
@@ -183,8 +188,8 @@ class Rank1PoolBranch(AdapterBranch):
             mask = self.forced_mask.to(self.lora_A.device)
         else:
             mask, probs, votes = self.route(x)
-            if self.training:
-                self.counts += votes
+            if self.training and not _in_backward():
+                self.counts += votes  # gradient checkpointing re-runs forward in backward: count once
             if self.router_mode == "learned":
                 gate = probs.index_select(1, mask).mean(0)  # (R,) batch-mean probability of each chosen expert
         a = self.lora_A.index_select(0, mask)  # (m, in)

@@ -1,0 +1,401 @@
+"""Data-parallel execution of the continual trainer: one process per device, launched by torchrun
+or ``accelerate launch`` (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT,
+which is all this module reads), plus mixed precision and gradient checkpointing.
+
+One optimiser step with global batch B (``train.batch_size``) on W ranks, B % W == 0::
+
+    every rank draws the same global batch (same seeded generator)   -> identical data stream
+    rank r keeps rows [r B/W, (r+1) B/W)                              (B/W, ...) per rank
+    forward through DDP(TrainStep); inside the kind's loss, features that couple the batch
+      (CLIP's contrastive logits) are all-gathered -> every rank computes the global-batch loss
+    backward; DDP averages gradients                                  -> identical gradients
+    clip + AdamW on identical gradients                               -> identical parameters
+
+So a W-rank run computes the single-process run with the same global batch, up to the order of
+floating-point sums (a B-row matmul vs two B/2-row ones, then the all-reduce). Method state that is
+not a gradient must stay identical on every rank: Rank-1 pool all-reduces its batch votes (so the
+mask, the counts and the merged set S agree), LiLoRA's snapshots copy parameters that are already
+identical. :meth:`Runtime.check_replicas` verifies this at every task boundary.
+
+Evaluation: each rank scores a shard of a task's test set; the per-rank scores are weighted by
+shard size and summed over ranks (for accuracies the correct counts are integers and are
+recovered exactly). Checkpoints and results are written by rank 0 only, followed by a barrier.
+
+Single process (no launcher, W = 1): every method of :class:`Runtime` is the plain operation the
+trainer always did, so results are bit-identical to a run without this module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import os
+from datetime import timedelta
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# the process group that batch-coupled losses gather over, while a distributed training forward runs
+_GATHER_GROUP: contextvars.ContextVar[Any] = contextvars.ContextVar("continual_lora_gather_group", default=None)
+
+
+# --- launcher environment ------------------------------------------------------------------------
+def launched_world_size() -> int:
+    """WORLD_SIZE set by torchrun / accelerate launch (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_rank() -> int:
+    """This process's global rank (0 without a launcher)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _check_launcher() -> None:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise NotImplementedError(
+            "the continual trainer runs under plain DDP; DeepSpeed configs are not supported (adapter methods "
+            "merge into the frozen weights, which ZeRO-3 partitions). Use configs/accelerate/multi_gpu*.yaml; "
+            "see docs/scale.md for memory per GPU."
+        )
+
+
+# --- batch-coupled losses ------------------------------------------------------------------------
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every rank's rows (dim 0); backward sums the gradient over ranks, keeps own rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # (b, ...) -> (W b, ...)
+        ctx.group, ctx.rows = group, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # every rank computed the same global loss, so the summed gradient is W times the true one;
+        # DDP's averaging divides by W again: the parameters see exactly d(global loss)/d(params)
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        start = dist.get_rank(ctx.group) * ctx.rows
+        return grad[start : start + ctx.rows], None
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` from every rank, in rank order, while a distributed training forward runs.
+
+    Losses that couple the samples of a batch (contrastive logits over all pairs) call this on
+    their per-sample features so that each rank computes the loss of the global batch. Outside
+    such a forward (one process, evaluation, pretraining) it returns ``x`` unchanged.
+    """
+    group = _GATHER_GROUP.get()
+    if group is None:
+        return x
+    if not x.requires_grad:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+    return _GatherRows.apply(x, group)
+
+
+@contextlib.contextmanager
+def _gathering(group: Any) -> Iterator[None]:
+    token = _GATHER_GROUP.set(group)
+    try:
+        yield
+    finally:
+        _GATHER_GROUP.reset(token)
+
+
+# --- batches and tasks ---------------------------------------------------------------------------
+def slice_batch(batch: Any, start: int, stop: int, rows: int) -> Any:
+    """Rows [start, stop) of every tensor / list in ``batch`` whose first dimension is ``rows``."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == rows else batch
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, start, stop, rows) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and len(batch) == rows:
+        return type(batch)(batch[start:stop]) if isinstance(batch, list) else tuple(batch[start:stop])
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, start, stop, rows) for v in batch)
+    return batch
+
+
+def shard_test_set(task: Any, rank: int, world: int) -> Any | None:
+    """A copy of ``task`` whose test split holds every ``world``-th sample from ``rank``.
+
+    Needs a dataclass task with ``test_images`` / ``test_labels`` (CLIP image tasks); returns
+    None for anything else, which the caller then evaluates whole on every rank.
+    """
+    if not dataclasses.is_dataclass(task) or not all(hasattr(task, k) for k in ("test_images", "test_labels")):
+        return None
+    keep = torch.arange(rank, len(task.test_labels), world)
+    return dataclasses.replace(task, test_images=task.test_images[keep], test_labels=task.test_labels[keep])
+
+
+# --- the per-task training module ----------------------------------------------------------------
+class TrainStep(nn.Module):
+    """``forward(batch) -> (total loss, loss terms)``: the kind's loss plus the method's weighted
+    terms, computed in one module so that DDP sees the whole graph."""
+
+    def __init__(self, model: nn.Module, method: Any, kind: Any, gather_group: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method  # not a module: its state lives in the model's branches
+        self.kind = kind
+        self.gather_group = gather_group
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        gather = _gathering(self.gather_group) if self.gather_group is not None else contextlib.nullcontext()
+        with gather:
+            loss = self.kind.loss(self.model, batch)
+        terms = self.method.loss_terms(self.model, batch)
+        total = loss + sum(terms.values()) if terms else loss
+        return total, terms
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n, 3) float64: sum, sum of squares and a position-weighted sum of each tensor."""
+    rows = []
+    for t in tensors.values():
+        x = t.detach().reshape(-1).double()
+        weights = torch.linspace(1.0, 2.0, x.numel(), dtype=torch.float64, device=x.device) if x.numel() else x
+        rows.append(torch.stack([x.sum(), (x * x).sum(), (x * weights).sum()]).cpu())
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+
+
+class Runtime:
+    """Where and how the trainer runs: device, rank, world size, precision.
+
+    ``Runtime.from_env`` initialises ``torch.distributed`` (gloo on CPU, nccl on CUDA) when a
+    launcher set WORLD_SIZE > 1; otherwise every method is the plain single-process operation.
+    """
+
+    def __init__(self, device: str = "cpu", precision: str = "fp32", rank: int = 0, world_size: int = 1,
+                 local_rank: int = 0) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.device, self.precision = device, precision
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self._scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def from_env(cls, device: str = "cpu", precision: str = "fp32") -> Runtime:
+        world = launched_world_size()
+        if world <= 1:
+            return cls(device, precision)
+        _check_launcher()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            # long timeout: rank 0 may fill the data / model caches while the others wait (main_first)
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
+            atexit.register(_destroy)
+        return cls(device, precision, dist.get_rank(), dist.get_world_size(), local_rank)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "rank": self.rank, "device": self.device, "precision": self.precision,
+                "backend": dist.get_backend() if self.distributed else None}
+
+    # --- collectives (no-ops in one process) ---------------------------------------------------
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (filling caches: data, pretrained model), then the others."""
+        if self.distributed and not self.is_main:
+            dist.barrier()
+        yield
+        if self.distributed and self.is_main:
+            dist.barrier()
+
+    def on_main(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Call ``fn`` on rank 0 only; an exception it raises is raised on every rank."""
+        failure: Exception | None = None
+        if self.is_main:
+            try:
+                fn(*args, **kwargs)
+            except Exception as err:  # raised below, on every rank
+                failure = err
+        if self.distributed:
+            message = [None if failure is None else (type(failure), str(failure))]
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None and failure is None:
+                kind, text = message[0]
+                failure = kind(text)
+        if failure is not None:
+            raise failure
+
+    # --- training ------------------------------------------------------------------------------
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.world_size:
+            raise ValueError(f"train.batch_size ({batch_size}) must be divisible by the number of processes "
+                             f"({self.world_size}): each rank takes an equal slice of the global batch")
+
+    def train_step(self, model: nn.Module, method: Any, kind: Any) -> nn.Module:
+        """The module to call per micro-batch; wrapped in DDP when distributed.
+
+        Called again for every task, after ``method.begin_task``: the trainable parameters change
+        per task (new factors, freezing) and DDP registers them when it is built. Replicas start
+        identical by construction (same seeds, same checkpoint), so DDP does not re-broadcast
+        them (``init_sync=False``); :meth:`check_replicas` verifies it instead.
+        """
+        if not self.distributed or not any(p.requires_grad for p in model.parameters()):
+            return TrainStep(model, method, kind)  # (a task with no training step needs no DDP)
+        step = TrainStep(model, method, kind, gather_group=dist.group.WORLD)
+        device_ids = [self.local_rank] if self.device.startswith("cuda") else None
+        # find_unused_parameters: some trainable parameters get no gradient at all (Rank-1 pool's
+        # routers in vote mode); DDP leaves their .grad None, as one process does (static_graph
+        # would avoid the per-step graph walk but breaks no_sync on the first micro-batch).
+        # No buffer broadcast: buffers (vote counts, records, snapshots) are kept identical by
+        # the methods themselves, not overwritten from rank 0
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
+                          else {"broadcast_buffers": False})  # torch < 2.13
+        return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True, init_sync=False,
+                                       **no_buffer_sync)
+
+    def local_batch(self, batch: Any, batch_size: int) -> Any:
+        """This rank's rows of the global batch (the batch itself in one process)."""
+        if not self.distributed:
+            return batch
+        rows = batch_size // self.world_size
+        return slice_batch(batch, self.rank * rows, (self.rank + 1) * rows, batch_size)
+
+    def no_sync(self, step: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if isinstance(step, DistributedDataParallel) and not last_micro_batch:
+            return step.no_sync()
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The loss scaler for fp16 (bf16 and fp32 need none). One per run: its scale, calibrated
+        by skipping steps whose gradients overflow, carries over from task to task (a resumed run
+        calibrates it again)."""
+        if self.precision != "fp16":
+            return None
+        if self._scaler is None:
+            self._scaler = torch.amp.GradScaler(torch.device(self.device).type)
+        return self._scaler
+
+    def fork_rng(self, seed: int) -> Any:
+        """Distributed: seed this rank's own random stream (different dropout masks on different
+        ranks) and return the shared state to :meth:`join_rng` after training, so that what runs
+        next (e.g. re-initialising adapters at the task's end) draws the same numbers on every rank."""
+        if not self.distributed:
+            return None
+        cuda = self.device.startswith("cuda")
+        shared = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+        torch.manual_seed(seed + 7_919 * self.rank)
+        return shared
+
+    def join_rng(self, shared: Any) -> None:
+        if shared is None:
+            return
+        torch.set_rng_state(shared[0])
+        if shared[1] is not None:
+            torch.cuda.set_rng_state(shared[1], self.device)
+
+    @staticmethod
+    def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    @staticmethod
+    def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float | None,
+                       scaler: torch.amp.GradScaler | None) -> None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    def check_replicas(self, model: nn.Module, where: str) -> None:
+        """Raise unless every rank holds bit-identical weights, adapters and buffers."""
+        if not self.distributed:
+            return
+        state = model.state_dict()
+        prints = self.all_gather_object(fingerprint(state))
+        names = list(state)
+        for rank, other in enumerate(prints[1:], start=1):
+            if other.shape != prints[0].shape:
+                raise RuntimeError(f"{where}: rank {rank} holds {len(other)} tensors, rank 0 {len(prints[0])}")
+            differ = [names[i] for i in torch.nonzero((other != prints[0]).any(dim=1)).flatten().tolist()]
+            if differ:
+                raise RuntimeError(f"{where}: rank {rank} differs from rank 0 in {len(differ)} tensors, "
+                                   f"e.g. {differ[:5]}")
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, kind: Any, model: nn.Module, task: Any, xtail: bool = False) -> float:
+        """The kind's score of ``task``; distributed: each rank scores a shard, sums are all-reduced."""
+        if not self.distributed:
+            with self.autocast():
+                return float(kind.evaluate(model, task, xtail=xtail))
+        shard = shard_test_set(task, self.rank, self.world_size)
+        if shard is None:  # unknown task layout: every rank scores the whole task (same result)
+            with self.autocast():
+                return float(kind.evaluate(model, task, xtail=xtail))
+        n = len(shard.test_labels)
+        with self.autocast():
+            score = float(kind.evaluate(model, shard, xtail=xtail)) if n else 0.0
+        weighted = score * n / 100.0  # percent -> number of correct samples
+        if kind.protocol == "mtil":
+            weighted = float(round(weighted))  # accuracies: correct counts are integers
+        sums = torch.tensor([weighted, float(n)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        return 100.0 * float(sums[0]) / float(sums[1])
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers models: recompute each block's activations in backward (non-reentrant)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing needs a transformers model that supports it, "
+                         f"got {type(model).__name__}")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

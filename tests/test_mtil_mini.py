@@ -163,3 +163,25 @@ def test_easy_vqa_attributes_from_questions() -> None:
     assert attrs[1] == ("rectangle", "blue")
     assert attrs[2] == ("rectangle", None)
     assert attrs[3] == (None, "green")
+
+
+def test_fashion_idx_reader_on_synthetic_files(tmp_path, monkeypatch) -> None:
+    import gzip
+
+    import numpy as np
+
+    def write_idx(path, array: np.ndarray) -> None:
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        with gzip.open(path, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+
+    rng = np.random.default_rng(0)
+    x_train, y_train = rng.integers(0, 256, (6, 28, 28)), np.arange(6) % 10
+    x_test, y_test = rng.integers(0, 256, (4, 28, 28)), np.arange(4)
+    for name, arr in (("train-images-idx3-ubyte.gz", x_train), ("train-labels-idx1-ubyte.gz", y_train),
+                      ("t10k-images-idx3-ubyte.gz", x_test), ("t10k-labels-idx1-ubyte.gz", y_test)):
+        write_idx(tmp_path / name, arr)
+    monkeypatch.setattr(mm, "FASHION_DIR", tmp_path)
+    xa, ya, xt, yt = mm._load_fashion()
+    assert xa.shape == (6, 1, 28, 28) and torch.equal(xa[:, 0], torch.from_numpy(x_train.astype(np.uint8)))
+    assert ya.tolist() == y_train.tolist() and yt.tolist() == [0, 1, 2, 3] and xt.shape == (4, 1, 28, 28)

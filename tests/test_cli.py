@@ -91,9 +91,10 @@ def test_every_shipped_yaml_loads(path) -> None:
 
 def test_overrides_reach_nested_and_method_keys(tmp_path) -> None:
     cfg = write(tmp_path / "c.yaml", "methods:\n  - name: lilora\n    rank: 8\n")
-    data = load_yaml(cfg, ["train.iterations=7", "methods.lilora.rank=4", "benchmark.shots=null"])
+    data = load_yaml(cfg, ["train.iterations=7", "methods.lilora.rank=4", "benchmark.shots=null", "train.lr=2e-3"])
     config = from_dict(RunConfig, data)
     assert config.train.iterations == 7 and config.benchmark.shots is None
+    assert config.train.lr == 0.002  # "2e-3" is a float here, although YAML 1.1 reads it as a string
     assert build_methods(config)["lilora"].config.rank == 4
     with pytest.raises(ConfigError, match="not key=value"):
         load_yaml(cfg, ["rank4"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +17,21 @@ import yaml
 from .continual.config import ConfigError, from_dict
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``2e-3`` as a string; accept the YAML 1.2 / Python float forms too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 # --- YAML + key=value ---------------------------------------------------------------------
 def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
     out = []
@@ -23,7 +39,7 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        out.append((key.split("."), yaml.safe_load(value) if value != "" else None))
+        out.append((key.split("."), _yaml(value) if value != "" else None))
     return out
 
 
@@ -52,7 +68,7 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _yaml(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return apply_overrides(data, overrides)

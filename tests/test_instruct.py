@@ -19,7 +19,7 @@ from continual_lora.benchmarks.cvit import build_cvit_run
 from continual_lora.benchmarks.llava_mini import LLAVA_TARGETS
 from continual_lora.continual.config import ConfigError
 from continual_lora.continual.engine import ContinualTrainer, TrainConfig
-from continual_lora.continual.instruct_data import InstructSample, InstructTask, read_llava_json
+from continual_lora.continual.instruct_data import InstructSample, InstructTask, read_llava_json, write_llava_json
 from continual_lora.continual.instruct_kind import IGNORE_INDEX, InstructionTuning, image_token_count
 from continual_lora.methods import LiLoRAConfig, build_method
 
@@ -102,6 +102,8 @@ def test_llava_json_loader(tmp_path) -> None:
     task = InstructTask("toy", samples, samples, image_root=tmp_path)
     x = task.image(samples[0], 16)
     assert x.shape == (3, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1
+    write_llava_json(tmp_path / "copy.json", samples)  # round trip (the marker is kept in place)
+    assert read_llava_json(tmp_path / "copy.json", "toy", image_root=tmp_path) == samples
     jsonl = tmp_path / "test.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in records))
     assert read_llava_json(jsonl, "toy", image_root=tmp_path)[0].turns == samples[0].turns

@@ -15,7 +15,8 @@ easy-VQA's questions and answers are the package's own; the digit and animal que
 fabric captions (three hand-written references per class, the training target cycling through
 them) are built here from the class labels. A ScienceQA-like 4-way multiple choice over MNIST
 digits (shuffled numeral options -> letter) was tried first and dropped: at this budget (12 to
-24 steps of 8) LLaVA-mini learned the letter format but stayed at chance on the content. Splits are the mtil-mini ones (official or seeded
+24 steps of 8, with the plain-format stage 1) LLaVA-mini learned the letter format but stayed at
+chance on the content. Splits are the mtil-mini ones (official or seeded
 80/20); train and test subsets are seeded, class-balanced and capped per task.
 """
 

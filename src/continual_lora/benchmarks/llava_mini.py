@@ -17,9 +17,9 @@ Stage 1 (LLaVA's feature alignment, scaled down): everything is frozen except
 default the caption answers a brief-description instruction inside the LM's chat template
 (``align_format="chat"``). LLaVA's own stage 1 uses its "plain" format (image tokens, newline,
 caption), kept as an option: with it, LLaVA-mini read the images in plain text but ignored them
-inside the chat template the tasks use, and 12-24 task steps were not enough to recover. The projector is cached under
-``cache_dir()/llava-mini/<hash>/projector.safetensors``, keyed by :class:`LlavaMiniConfig`,
-the CLIP's own config hash and the recipe version. The language model is converted once from
+inside the chat template the tasks use, and 12-24 task steps were not enough to recover. The
+projector is cached under ``cache_dir()/llava-mini/<hash>/projector.safetensors``, keyed by
+:class:`LlavaMiniConfig`, the CLIP's own config hash and the recipe version. The language model is converted once from
 GGUF to safetensors under ``cache_dir()/llm/`` (GGUF load ~20 s, safetensors reload < 1 s).
 """
 
@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, Llava
 
 from ..continual.instruct_data import InstructSample, InstructTask
 from ..continual.instruct_kind import InstructionTuning
-from .mtil_mini import _package_dir, cache_dir, domain_prompts, load_domain, balanced_subset
+from .mtil_mini import _package_dir, balanced_subset, cache_dir, domain_prompts, load_domain
 from .pretrain import DEFAULT_MIX, MixPart, PretrainConfig, config_hash, load_pretrained
 
 ALIGN_FORMAT = 1  # bump when the stage-1 recipe changes in a way the config does not show

@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, Llava
 
 from ..continual.instruct_data import InstructSample, InstructTask
 from ..continual.instruct_kind import InstructionTuning
-from .mtil_mini import _package_dir, balanced_subset, cache_dir, domain_prompts, load_domain
+from .mtil_mini import _package_dir, atomic_cache_dir, balanced_subset, cache_dir, domain_prompts, load_domain
 from .pretrain import DEFAULT_MIX, MixPart, PretrainConfig, config_hash, load_pretrained
 
 ALIGN_FORMAT = 1  # bump when the stage-1 recipe changes in a way the config does not show
@@ -108,18 +107,9 @@ def smollm2_dir(progress: bool = True) -> Path:
     if hasattr(model.config, "quantization_config"):  # a de-quantized float model: no quantizer on save
         del model.config.quantization_config
     model.hf_quantizer = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_cache_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         print(f"converted {gguf.name} to safetensors in {time.perf_counter() - start:.1f} s -> {out}")
     return out

@@ -15,14 +15,16 @@ image is float32 in [0, 1] after that uint8 round trip, so first and cached load
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
 import os
 import re
+import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,27 @@ def cache_dir() -> Path:
     """Root of the project's cache: env ``CONTINUAL_LORA_CACHE`` or ``~/.cache/continual-lora``."""
     env = os.environ.get("CONTINUAL_LORA_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "continual-lora"
+
+
+@contextlib.contextmanager
+def atomic_cache_dir(final: Path) -> Iterator[Path]:
+    """Build a cache directory in a temporary sibling, then rename it to ``final`` in one step.
+
+    Readers never see a half-written directory; if another process finished ``final`` first, its
+    copy is kept and ours is dropped; on any error the temporary directory is removed.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        if final.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _package_dir(module: str, pip_spec: str, relpath: str) -> Path:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +27,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from continual_lora.benchmarks.mtil_mini import (
     DOMAINS,
     KNOWN_DOMAINS,
+    atomic_cache_dir,
     balanced_subset,
     build_mtil_mini,
     cache_dir,
@@ -238,21 +236,11 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> P
     row = zero_shot_row(model, tokenizer, cfg)
     if progress:
         print(f"pretrained in {seconds:.1f} s; zero-shot: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-    try:
+    with atomic_cache_dir(final) as tmp:  # another process may finish first: its copy is kept
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         (tmp / "zero_shot.json").write_text(json.dumps({"accuracy": row, "train_seconds": seconds}, indent=1))
-        tmp.chmod(0o755)  # mkdtemp creates 0700
-        if final.exists():  # another process finished first: keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -1,4 +1,5 @@
-"""Data-parallel training through the real launcher: 2 CPU processes (gloo) vs one process.
+"""Data-parallel training through the real launchers: 2 CPU processes (gloo) under torchrun (DDP)
+and under ``accelerate launch`` with DeepSpeed ZeRO-2 and ZeRO-3, each vs one process.
 
 Both runs use the same config and the same GLOBAL batch (train.batch_size = 8: one process takes
 8 rows, each of the two ranks 4), with dropout 0 so that no random mask differs between them.
@@ -9,7 +10,9 @@ all-reduce (a + b) / 2 instead of inside one matmul. These are float32 rounding 
 (~1e-7 relative per step), so training losses must agree to 1e-4 relative and each accuracy cell
 within one test image (100 / n_test points); in practice the matrices come out identical.
 The Rank-1 pool's vote counts are integers summed by an all-reduce, so its merged expert sets S
-must be identical on both ranks and equal to the single process's.
+must be identical on both ranks and equal to the single process's. The same tolerances hold under
+ZeRO: it changes where gradients and optimiser state live (and, for ZeRO-3, the frozen weights
+while a task trains), not what is computed.
 """
 
 from __future__ import annotations
@@ -43,8 +46,20 @@ METHODS = ("rank1_pool", "lilora")
 N_TEST = 40  # max_test_per_task: both domains have at least 40 test images
 
 
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+LAUNCHERS = {  # mode -> the launcher's arguments before the module to run
+    "ddp": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # the shipped 8-GPU DeepSpeed configs, with 2 processes instead of 8
+    "zero2": ["-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "zero2_8gpu.yaml"),
+              "--num_processes", "2"],
+    "zero3": ["-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "zero3_8gpu.yaml"),
+              "--num_processes", "2"],
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
+    """<root>/<mode>/dist/<method>: one single-process run, then one launch per entry of LAUNCHERS."""
     root = tmp_path_factory.mktemp("distributed")
     cfg = root / "dist.yaml"
     cfg.write_text(CONFIG)
@@ -53,11 +68,12 @@ def runs(tmp_path_factory) -> Path:
     single = [sys.executable, "-m", "continual_lora.cli", "run", str(cfg), f"output_dir={root}/single"]
     proc = subprocess.run(single, capture_output=True, text=True, env=env, timeout=300)  # also fills the caches
     assert proc.returncode == 0, proc.stderr[-3000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "continual_lora.cli", "run", str(cfg), f"output_dir={root}/ddp", "train.dump_replicas=true"]
-    proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (root / "ddp.stdout").write_text(proc.stdout)
+    for mode, launcher in LAUNCHERS.items():
+        launch = [sys.executable, *launcher, "-m", "continual_lora.cli", "run", str(cfg), f"output_dir={root}/{mode}",
+                  "train.dump_replicas=true"]
+        proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, f"{mode}:\n{proc.stderr[-3000:]}"
+        (root / f"{mode}.stdout").write_text(proc.stdout)
     return root
 
 
@@ -65,11 +81,14 @@ def results(root: Path, mode: str, method: str) -> dict:
     return json.loads((root / mode / "dist" / method / "results.json").read_text())
 
 
+@pytest.mark.parametrize("mode", LAUNCHERS)
 @pytest.mark.parametrize("method", METHODS)
-def test_two_ranks_reproduce_the_single_process_run(runs, method) -> None:
-    one, two = results(runs, "single", method), results(runs, "ddp", method)
+def test_two_ranks_reproduce_the_single_process_run(runs, method, mode) -> None:
+    one, two = results(runs, "single", method), results(runs, mode, method)
     assert two["runtime"]["world_size"] == 2 and two["runtime"]["backend"] == "gloo"
-    assert one["runtime"]["world_size"] == 1
+    assert two["runtime"]["engine"] == ("ddp" if mode == "ddp" else "deepspeed")
+    assert two["runtime"]["zero_stage"] == {"ddp": None, "zero2": 2, "zero3": 3}[mode]
+    assert one["runtime"]["world_size"] == 1 and one["runtime"]["engine"] == "single"
     assert two["zero_shot"] == one["zero_shot"]  # sharded evaluation, counts all-reduced: exact
     for row_one, row_two in zip(one["matrix"], two["matrix"], strict=True):
         for a, b in zip(row_one, row_two, strict=True):
@@ -77,8 +96,9 @@ def test_two_ranks_reproduce_the_single_process_run(runs, method) -> None:
     assert two["train_losses"] == pytest.approx(one["train_losses"], rel=1e-4)
 
 
-def test_rank1_pool_merged_experts_are_the_same_on_both_ranks(runs) -> None:
-    run = runs / "ddp" / "dist" / "rank1_pool"
+@pytest.mark.parametrize("mode", LAUNCHERS)
+def test_rank1_pool_merged_experts_are_the_same_on_both_ranks(runs, mode) -> None:
+    run = runs / mode / "dist" / "rank1_pool"
     rank0 = load_records(run / "checkpoint" / "method")  # written by rank 0
     rank1 = load_records(run / "rank1" / "method")  # dumped by rank 1 (train.dump_replicas)
     single = load_records(runs / "single" / "dist" / "rank1_pool" / "checkpoint" / "method")
@@ -93,8 +113,9 @@ def test_rank1_pool_merged_experts_are_the_same_on_both_ranks(runs) -> None:
         torch.testing.assert_close(rank0.tensors[key], single.tensors[key], rtol=1e-4, atol=1e-5)
 
 
-def test_lilora_factors_and_snapshots_are_the_same_on_both_ranks(runs) -> None:
-    run = runs / "ddp" / "dist" / "lilora"
+@pytest.mark.parametrize("mode", LAUNCHERS)
+def test_lilora_factors_and_snapshots_are_the_same_on_both_ranks(runs, mode) -> None:
+    run = runs / mode / "dist" / "lilora"
     rank0 = load_file(str(run / "checkpoint" / "method" / WEIGHTS_NAME))
     rank1 = load_file(str(run / "rank1" / "method" / WEIGHTS_NAME))
     assert rank0.keys() == rank1.keys() and any(k.endswith("A_prev") for k in rank0)
@@ -102,11 +123,23 @@ def test_lilora_factors_and_snapshots_are_the_same_on_both_ranks(runs) -> None:
         assert torch.equal(value, rank1[key]), key
 
 
-def test_only_rank_zero_reports_and_writes(runs) -> None:
-    out = (runs / "ddp.stdout").read_text()
+@pytest.mark.parametrize("method", METHODS)
+def test_zero3_partitions_the_frozen_weights_and_keeps_adapters_whole(runs, method) -> None:
+    layout = results(runs, "zero3", method)["runtime"]["zero3_layout"]  # the last task's engine, rank 0
+    assert layout["adapters_partitioned"] == []  # methods read them outside their module's forward
+    assert any(name.endswith("base_layer.weight") for name in layout["example_partitioned"])
+    total, local = layout["partitioned_numel"], layout["local_numel"]
+    assert total > layout["whole_numel"]  # most of the model is sharded
+    assert total / 2 <= local <= total / 2 + layout["partitioned_tensors"]  # half each, up to padding
+    assert "zero3_layout" not in results(runs, "zero2", method)["runtime"]
+
+
+@pytest.mark.parametrize("mode", LAUNCHERS)
+def test_only_rank_zero_reports_and_writes(runs, mode) -> None:
+    out = (runs / f"{mode}.stdout").read_text()
     assert out.count("| rank1_pool |") == 1 and out.count("| lilora |") == 1
     for method in METHODS:
-        names = {p.name for p in (runs / "ddp" / "dist" / method).iterdir()}
+        names = {p.name for p in (runs / mode / "dist" / method).iterdir()}
         assert {"results.json", "checkpoint", "rank1", "accuracy_matrix.csv"} <= names
         assert not any(n.startswith(".") for n in names)  # no half-written checkpoint left behind
 
@@ -165,3 +198,40 @@ def test_precision_and_gradient_checkpointing_options_run_in_one_process(one_thr
             assert torch.equal(value, recomputed_records.tensors[key]), key
     with pytest.raises(ValueError, match="train.precision"):
         dataclasses.replace(TRAIN, precision="fp8")
+
+
+def test_deepspeed_settings_come_from_accelerate_and_the_run_config(tmp_path, monkeypatch) -> None:
+    """accelerate's DeepSpeed config gives the ZeRO settings; the run config gives batch, clipping and
+    precision; a DeepSpeed setting that contradicts the run config is an error, not an override."""
+    from continual_lora.continual.zero import zero_settings
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    config = zero_settings(batch_size=64, grad_accum=2, world_size=8, max_grad_norm=1.0, precision="bf16")
+    assert config["train_micro_batch_size_per_gpu"] == 8 and config["train_batch_size"] == 128
+    assert config["gradient_accumulation_steps"] == 2 and config["gradient_clipping"] == 1.0
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "bf16" not in config and "fp16" not in config  # bf16 runs as the trainer's autocast
+    assert "auto" not in json.dumps(config)
+    with pytest.raises(ValueError, match="fp16"):
+        zero_settings(64, 1, 8, 1.0, precision="fp16")
+
+    def from_file(ds: dict) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds))
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+        return zero_settings(64, 2, 8, None, precision="fp32")
+
+    zero2 = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}, "train_batch_size": "auto"}
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    config = from_file(zero2)
+    assert config["zero_optimization"] == {"stage": 2}  # "auto" bucket size: DeepSpeed's default
+    assert config["gradient_clipping"] == 0.0  # train.max_grad_norm = None: no clipping
+    with pytest.raises(ValueError, match="train_batch_size"):
+        from_file({**zero2, "train_batch_size": 32})
+    with pytest.raises(ValueError, match="optimizer"):
+        from_file({**zero2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    with pytest.raises(ValueError, match="bf16"):
+        from_file({**zero2, "bf16": {"enabled": True}})

@@ -219,7 +219,7 @@ def run_method(config: RunConfig, label: str, method: Method, resume: bool = Fal
     directory (see :mod:`continual_lora.continual.distributed`).
     """
     check_model(config.model, config.benchmark.image_size)  # a missing model fails before anything runs
-    runtime = Runtime.from_env(config.train.device, config.train.precision)
+    runtime = Runtime.for_training(config.train)
     if runtime.device != config.train.device:  # "cuda" -> this rank's "cuda:<local rank>"
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=runtime.device))
     run_dir = Path(config.output_dir) / config.name / label

@@ -1,6 +1,7 @@
 """Data-parallel execution of the continual trainer: one process per device, launched by torchrun
-or ``accelerate launch`` (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT,
-which is all this module reads), plus mixed precision and gradient checkpointing.
+or ``accelerate launch`` (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+accelerate's DeepSpeed configs also set ACCELERATE_USE_DEEPSPEED and the ZeRO settings), plus
+mixed precision and gradient checkpointing.
 
 One optimiser step with global batch B (``train.batch_size``) on W ranks, B % W == 0::
 
@@ -20,6 +21,10 @@ identical. :meth:`Runtime.check_replicas` verifies this at every task boundary.
 Evaluation: each rank scores a shard of a task's test set; the per-rank scores are weighted by
 shard size and summed over ranks (for accuracies the correct counts are integers and are
 recovered exactly). Checkpoints and results are written by rank 0 only, followed by a barrier.
+
+DeepSpeed ZeRO (``accelerate launch`` with a DeepSpeed config, see :mod:`.zero`): the same data
+layout and gathering; a DeepSpeed engine replaces DDP for the task's training and shards optimiser
+state (ZeRO-1), gradients (ZeRO-2) and, while the task trains, the parameters (ZeRO-3).
 
 Single process (no launcher, W = 1): every method of :class:`Runtime` is the plain operation the
 trainer always did, so results are bit-identical to a run without this module.
@@ -42,6 +47,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..adapters.layers import AdaptedMultiheadAttention
+from .zero import (build_engine, deepspeed_requested, release, set_leaf_modules, zero3_layout, zero_settings,
+                   zero_stage)
+
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,15 +69,6 @@ def process_rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
-
-
-def _check_launcher() -> None:
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise NotImplementedError(
-            "the continual trainer runs under plain DDP; DeepSpeed configs are not supported (adapter methods "
-            "merge into the frozen weights, which ZeRO-3 partitions). Use configs/accelerate/multi_gpu*.yaml; "
-            "see docs/scale.md for memory per GPU."
-        )
 
 
 # --- batch-coupled losses ------------------------------------------------------------------------
@@ -183,19 +183,30 @@ class Runtime:
     """
 
     def __init__(self, device: str = "cpu", precision: str = "fp32", rank: int = 0, world_size: int = 1,
-                 local_rank: int = 0) -> None:
+                 local_rank: int = 0, deepspeed: dict[str, Any] | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device, self.precision = device, precision
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.deepspeed = deepspeed  # DeepSpeed config (ZeRO), from accelerate launch; None: DDP / one process
         self._scaler: torch.amp.GradScaler | None = None
+        self._engine: Any = None  # this task's DeepSpeed engine
+        self.zero3_layout: dict[str, Any] | None = None  # ZeRO-3: what the last task's engine partitioned
 
     @classmethod
-    def from_env(cls, device: str = "cpu", precision: str = "fp32") -> Runtime:
+    def from_env(cls, device: str = "cpu", precision: str = "fp32", batch_size: int | None = None,
+                 grad_accum: int = 1, max_grad_norm: float | None = None) -> Runtime:
+        """One process, or one rank of torchrun / accelerate launch; DeepSpeed ZeRO when accelerate's
+        config asks for it (``batch_size`` etc. then fill DeepSpeed's batch settings, see .zero)."""
         world = launched_world_size()
-        if world <= 1:
+        use_deepspeed = deepspeed_requested()
+        if world <= 1 and not use_deepspeed:
             return cls(device, precision)
-        _check_launcher()
+        ds_config = None
+        if use_deepspeed:
+            if batch_size is None:
+                raise ValueError("DeepSpeed needs the run's batch size: Runtime.from_env(..., batch_size=...)")
+            ds_config = zero_settings(batch_size, grad_accum, world, max_grad_norm, precision)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
@@ -204,7 +215,13 @@ class Runtime:
             # long timeout: rank 0 may fill the data / model caches while the others wait (main_first)
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
             atexit.register(_destroy)
-        return cls(device, precision, dist.get_rank(), dist.get_world_size(), local_rank)
+        return cls(device, precision, dist.get_rank(), dist.get_world_size(), local_rank, deepspeed=ds_config)
+
+    @classmethod
+    def for_training(cls, train: Any) -> Runtime:
+        """:meth:`from_env` for a ``TrainConfig`` (device, precision, batch and clipping settings)."""
+        return cls.from_env(train.device, train.precision, batch_size=train.batch_size, grad_accum=train.grad_accum,
+                            max_grad_norm=train.max_grad_norm)
 
     @property
     def distributed(self) -> bool:
@@ -216,7 +233,10 @@ class Runtime:
 
     def describe(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "rank": self.rank, "device": self.device, "precision": self.precision,
-                "backend": dist.get_backend() if self.distributed else None}
+                "backend": dist.get_backend() if dist.is_initialized() else None,
+                "engine": "deepspeed" if self.deepspeed is not None else ("ddp" if self.distributed else "single"),
+                "zero_stage": zero_stage(self.deepspeed) if self.deepspeed is not None else None,
+                **({"zero3_layout": self.zero3_layout} if self.zero3_layout is not None else {})}
 
     # --- collectives (no-ops in one process) ---------------------------------------------------
     def barrier(self) -> None:
@@ -262,17 +282,29 @@ class Runtime:
             raise ValueError(f"train.batch_size ({batch_size}) must be divisible by the number of processes "
                              f"({self.world_size}): each rank takes an equal slice of the global batch")
 
-    def train_step(self, model: nn.Module, method: Any, kind: Any) -> nn.Module:
-        """The module to call per micro-batch; wrapped in DDP when distributed.
+    def prepare(self, model: nn.Module, method: Any, kind: Any,
+                optimizer: torch.optim.Optimizer | None) -> tuple[nn.Module, Any]:
+        """(the module to call per micro-batch, the optimiser to step): DDP-wrapped when
+        distributed, a DeepSpeed engine under a ZeRO config, the plain pair in one process.
 
         Called again for every task, after ``method.begin_task``: the trainable parameters change
-        per task (new factors, freezing) and DDP registers them when it is built. Replicas start
-        identical by construction (same seeds, same checkpoint), so DDP does not re-broadcast
-        them (``init_sync=False``); :meth:`check_replicas` verifies it instead.
+        per task (new factors, freezing) and DDP / DeepSpeed register them when they are built.
+        Call :meth:`finish` when the task's training ends.
         """
+        gather_group = dist.group.WORLD if self.distributed else None
+        if self.deepspeed is not None and optimizer is not None:
+            step = TrainStep(model, method, kind, gather_group=gather_group)
+            if zero_stage(self.deepspeed) == 3:
+                set_leaf_modules(model, (AdaptedMultiheadAttention,))
+            self._engine, optimizer = build_engine(step, optimizer, self.deepspeed)
+            if zero_stage(self.deepspeed) == 3:
+                self.zero3_layout = zero3_layout(self._engine.module)
+            return self._engine, optimizer
         if not self.distributed or not any(p.requires_grad for p in model.parameters()):
-            return TrainStep(model, method, kind)  # (a task with no training step needs no DDP)
-        step = TrainStep(model, method, kind, gather_group=dist.group.WORLD)
+            return TrainStep(model, method, kind), optimizer  # (a task with no training step needs no DDP)
+        step = TrainStep(model, method, kind, gather_group=gather_group)
+        # Replicas start identical by construction (same seeds, same checkpoint), so DDP does not
+        # re-broadcast them (init_sync=False); check_replicas verifies it instead.
         device_ids = [self.local_rank] if self.device.startswith("cuda") else None
         # find_unused_parameters: some trainable parameters get no gradient at all (Rank-1 pool's
         # routers in vote mode); DDP leaves their .grad None, as one process does (static_graph
@@ -281,8 +313,17 @@ class Runtime:
         # the methods themselves, not overwritten from rank 0
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
                           else {"broadcast_buffers": False})  # torch < 2.13
-        return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True, init_sync=False,
-                                       **no_buffer_sync)
+        ddp = DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True, init_sync=False,
+                                      **no_buffer_sync)
+        return ddp, optimizer
+
+    def finish(self) -> None:
+        """End of a task's training: ZeRO-3 gathers the partitioned parameters back into whole ones
+        and the engine drops its hooks, so that ``end_task``, evaluation and checkpoints see a
+        plain model (see .zero)."""
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            release(engine)
 
     def local_batch(self, batch: Any, batch_size: int) -> Any:
         """This rank's rows of the global batch (the batch itself in one process)."""
@@ -292,7 +333,8 @@ class Runtime:
         return slice_batch(batch, self.rank * rows, (self.rank + 1) * rows, batch_size)
 
     def no_sync(self, step: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation
+        (DeepSpeed accumulates by itself)."""
         if isinstance(step, DistributedDataParallel) and not last_micro_batch:
             return step.no_sync()
         return contextlib.nullcontext()
@@ -331,13 +373,20 @@ class Runtime:
         if shared[1] is not None:
             torch.cuda.set_rng_state(shared[1], self.device)
 
-    @staticmethod
-    def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    def backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+        """Backward of one micro-batch's (already 1/grad_accum-scaled) loss. DeepSpeed: also its
+        ``engine.step()``, which steps the optimiser only at the accumulation boundary."""
+        if self._engine is not None:
+            self._engine.backward(loss, scale_wrt_gas=False)
+            self._engine.step()
+            return
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    @staticmethod
-    def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float | None,
-                       scaler: torch.amp.GradScaler | None) -> None:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                       max_grad_norm: float | None, scaler: torch.amp.GradScaler | None) -> None:
+        """Clip, step and zero the gradients (DeepSpeed did all three in its last ``engine.step()``)."""
+        if self._engine is not None:
+            return
         if scaler is not None:
             scaler.unscale_(optimizer)
         if max_grad_norm is not None:
@@ -347,6 +396,7 @@ class Runtime:
             scaler.update()
         else:
             optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def check_replicas(self, model: nn.Module, where: str) -> None:
         """Raise unless every rank holds bit-identical weights, adapters and buffers."""

@@ -179,7 +179,7 @@ class ContinualTrainer:
         runtime: Runtime | None = None,
     ) -> None:
         # one process, or one rank of a torchrun / accelerate launch (see .distributed)
-        self.runtime = runtime if runtime is not None else Runtime.from_env(config.device, config.precision)
+        self.runtime = runtime if runtime is not None else Runtime.for_training(config)
         self.runtime.check_batch_size(config.batch_size)
         self.model = model.to(self.runtime.device)
         if config.gradient_checkpointing:
@@ -231,7 +231,9 @@ class ContinualTrainer:
             if optimizer is not None else None
         stream = _index_stream(self.kind.num_train(task), cfg.batch_size, generator)
         runtime = self.runtime
-        train_step = runtime.train_step(self.model, self.method, self.kind)  # DDP-wrapped per task when distributed
+        trainable = sum(p.numel() for p in params)  # (ZeRO-3 swaps these parameter objects when training ends)
+        # DDP-wrapped / a DeepSpeed engine per task when distributed
+        train_step, optimizer = runtime.prepare(self.model, self.method, self.kind, optimizer)
         scaler = runtime.grad_scaler()
         shared_rng = runtime.fork_rng(seed)  # distributed: per-rank dropout masks while training
         self.model.train()
@@ -247,19 +249,19 @@ class ContinualTrainer:
                     runtime.backward(total / cfg.grad_accum, scaler)
             runtime.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
             schedule.step()
-            optimizer.zero_grad(set_to_none=True)
             self.method.after_step(self.model)
             value = float(total.detach())
             if step >= steps - max(1, steps // 10):
                 tail_losses.append(value)
             bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in terms.items()})
-        del train_step  # drops DDP's gradient hooks before the next task re-wraps the model
+        del train_step, optimizer  # drops DDP's gradient hooks before the next task re-wraps the model
+        runtime.finish()  # DeepSpeed: ZeRO-3 parameters whole again, the engine's hooks removed
         runtime.join_rng(shared_rng)
         self.model.eval()
         self.method.end_task(self.model, task_name(task), index)
         runtime.check_replicas(self.model, f"after task {task_name(task)!r}")
         mean_loss = sum(tail_losses) / len(tail_losses) if tail_losses else None
-        return mean_loss, sum(p.numel() for p in params)
+        return mean_loss, trainable
 
     # --- the schedule -------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunState:

@@ -41,8 +41,12 @@ train: {iterations: 4, batch_size: 8, grad_accum: 2, lr: 5.0e-3, progress: false
 methods:
   - {name: rank1_pool, rank: 4, top_r: 2, alpha: 4.0, dropout: 0.0}
   - {name: lilora, rank: 2, inner_rank: 1, alpha: 4.0, dropout: 0.0, lambda_stab: 0.1}
+  - {name: lwf_vr, rank: 2, alpha: 4.0, dropout: 0.0}
+  - {name: replay, rank: 2, alpha: 4.0, dropout: 0.0}
 """
-METHODS = ("rank1_pool", "lilora")
+# lwf_vr: a method term that couples the rank's own rows (text->image distillation, gathered);
+# replay: a method term on a batch the method draws itself (whole on every rank, not gathered)
+METHODS = ("rank1_pool", "lilora", "lwf_vr", "replay")
 N_TEST = 40  # max_test_per_task: both domains have at least 40 test images
 
 
@@ -137,7 +141,7 @@ def test_zero3_partitions_the_frozen_weights_and_keeps_adapters_whole(runs, meth
 @pytest.mark.parametrize("mode", LAUNCHERS)
 def test_only_rank_zero_reports_and_writes(runs, mode) -> None:
     out = (runs / f"{mode}.stdout").read_text()
-    assert out.count("| rank1_pool |") == 1 and out.count("| lilora |") == 1
+    assert all(out.count(f"| {method} |") == 1 for method in METHODS)
     for method in METHODS:
         names = {p.name for p in (runs / mode / "dist" / method).iterdir()}
         assert {"results.json", "checkpoint", "rank1", "accuracy_matrix.csv"} <= names

@@ -27,6 +27,7 @@ from .clip_task import (
     evaluate_accuracy,
     text_classifier,
 )
+from .distributed import gather_rows
 
 
 class ClipClassification:
@@ -81,6 +82,13 @@ class ClipClassification:
     def image_features(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """(B, D) unit image features of a batch's (or any dict's) ``images``."""
         return F.normalize(encode_images(model, batch["images"]), dim=-1)
+
+    @staticmethod
+    def gather_rows(x: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` from every rank when data-parallel (``x`` itself in one process): a method
+        term that couples the samples of the training batch calls it on per-sample features, as
+        the contrastive loss does (see ``distributed.gather_rows``)."""
+        return gather_rows(x)
 
     def text_features(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) unit features of raw texts."""

@@ -92,21 +92,36 @@ class _GatherRows(torch.autograd.Function):
         return grad[start : start + ctx.rows], None
 
 
-def gather_batch(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` from every rank, in rank order, while a distributed training forward runs.
-
-    Losses that couple the samples of a batch (contrastive logits over all pairs) call this on
-    their per-sample features so that each rank computes the loss of the global batch. Outside
-    such a forward (one process, evaluation, pretraining) it returns ``x`` unchanged.
-    """
-    group = _GATHER_GROUP.get()
-    if group is None:
-        return x
+def _gather(x: torch.Tensor, group: Any) -> torch.Tensor:
     if not x.requires_grad:
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts)
     return _GatherRows.apply(x, group)
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` from every rank, in rank order, while a distributed training forward runs.
+
+    Losses that couple the samples of a batch (contrastive logits over all pairs) call this on
+    their per-sample features so that each rank computes the loss of the global batch. Outside
+    such a forward (one process, evaluation, pretraining, a method's own extra batches) it
+    returns ``x`` unchanged.
+    """
+    group = _GATHER_GROUP.get()
+    return x if group is None else _gather(x, group)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` from every rank whenever ``torch.distributed`` runs with several ranks.
+
+    For a method's loss term on the rows of the training batch this rank holds (LwF-VR's
+    text->image distillation): every rank then computes the global-batch term, as
+    :func:`gather_batch` does for the kind's loss. Every rank must call it the same number of times.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _gather(x, dist.group.WORLD)
+    return x
 
 
 @contextlib.contextmanager
@@ -160,6 +175,8 @@ class TrainStep(nn.Module):
         gather = _gathering(self.gather_group) if self.gather_group is not None else contextlib.nullcontext()
         with gather:
             loss = self.kind.loss(self.model, batch)
+        # outside the gather: batches a method draws itself (replay, joint training) are whole on
+        # every rank; a term that couples ``batch``'s own rows gathers them with gather_rows
         terms = self.method.loss_terms(self.model, batch)
         total = loss + sum(terms.values()) if terms else loss
         return total, terms

@@ -21,7 +21,7 @@ same gradient); the KL is exactly 0 while the student equals the teacher.
 
 The teacher is a frozen deep copy taken in ``begin_task``, so a run resumed at a task boundary
 rebuilds it exactly; nothing is saved beyond the LoRA. Needs a kind with ``image_features`` and
-``class_features`` (:class:`~continual_lora.continual.clip_kind.ClipClassification`).
+``class_features`` and ``gather_rows`` (:class:`~continual_lora.continual.clip_kind.ClipClassification`).
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ class LwFVR(SeqLoRA):
         with torch.no_grad():
             t_img = kind.image_features(self.teacher, batch)
         s_img = kind.image_features(model, batch)
+        # data parallel: the text->image logits (|V|, B) couple the batch, so every rank scores the
+        # global batch (the img->text mean over rows is then the global mean as well)
+        t_img, s_img = kind.gather_rows(t_img), kind.gather_rows(s_img)
         s_txt = kind.class_features(model, self.vocabulary, with_grad=True) if cfg.student_text else self.teacher_text
         return two_way_distillation(t_img, self.teacher_text, s_img, s_txt, kind.logit_scale, cfg.temperature,
                                     cfg.text_direction)

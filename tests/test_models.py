@@ -70,6 +70,28 @@ def test_hf_source_loads_local_files_and_folds_the_pixel_normalisation(hf_dir) -
     assert torch.equal(normalize_images(torch.ones(1)), torch.ones(1))  # the benchmark's convention: 0.5 / 0.5
 
 
+def test_zscl_random_sentences_work_with_a_transformers_tokenizer(hf_dir) -> None:
+    """ZSCL's default reference texts are random tokens outside the stream's class names; with a
+    transformers CLIP tokenizer the pool is its alphabetic tokens, read as text ("x</w>" -> "x")."""
+    from types import SimpleNamespace
+
+    from continual_lora.continual.clip_kind import ClipClassification
+
+    _, tokenizer = load_clip(ModelConfig(source="hf", path=str(hf_dir)), PretrainConfig())
+    pool = tokenizer.word_pool(["cat", "dog"])
+    assert all(w.isalpha() for w in pool) and len(pool) == len(set(pool))
+    assert {"b", "z", "B", "Z"} <= set(pool)  # "b" and "b</w>" both read "b": one entry
+    assert not set(pool) & (set("catdog") | {"<|startoftext|>", "<|endoftext|>", "!", "1"})
+    task = SimpleNamespace(name="pets", class_names=["cat", "dog"], templates=["a photo of a {}."])
+    kind = ClipClassification(tokenizer, [task])
+    sentences = kind.random_sentences(5, 3, torch.Generator().manual_seed(0))
+    assert len(sentences) == 5 and all(len(s.split()) == 3 for s in sentences)
+    assert not {w for s in sentences for w in s.split()} & set("catdog")
+    assert sentences == kind.random_sentences(5, 3, torch.Generator().manual_seed(0))  # seeded
+    ids, _ = tokenizer(sentences)
+    assert ids.shape == (5, 16)
+
+
 def test_random_preset_is_clip_vit_b_16_sized() -> None:
     config, tokenizer = random_clip_config("vit-b-16")
     with torch.device("meta"):

@@ -23,6 +23,7 @@ normalisation is folded exactly into that convolution's weight and bias at load 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,21 @@ class HFTextTokenizer:
         enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
                              return_tensors="pt")
         return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    def word_pool(self, exclude: Iterable[str]) -> list[str]:
+        """Random-text material (ZSCL's reference sentences): every vocabulary token that reads as an
+        alphabetic string on its own (CLIP's BPE: "dog</w>" -> "dog"), minus special tokens and any
+        token that reads as one of the ``exclude`` texts' tokens, in vocabulary order."""
+        tok = self.tokenizer
+        banned = {w.strip() for text in exclude
+                  for w in tok.batch_decode([[i] for i in tok(text, add_special_tokens=False)["input_ids"]])}
+        specials = set(tok.all_special_ids)
+        ids = sorted(i for i in tok.get_vocab().values() if i not in specials)
+        pool: dict[str, None] = {}
+        for text in (w.strip() for w in tok.batch_decode([[i] for i in ids])):
+            if text.isalpha() and text not in banned:
+                pool[text] = None
+        return list(pool)
 
 
 # --- building ------------------------------------------------------------------------------------

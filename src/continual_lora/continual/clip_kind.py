@@ -111,9 +111,10 @@ class ClipClassification:
     def random_sentences(self, n: int, words: int, generator: torch.Generator) -> list[str]:
         """``n`` sentences of ``words`` tokens drawn uniformly from the tokenizer's vocabulary
         minus special tokens and every token of every stream class name: text outside the stream
-        (the ZSCL release's "random" reference sentences are random token ids likewise)."""
-        banned = {w for name in self.union for w in self.tokenizer.split(name)}
-        pool = [w for w in self.tokenizer.vocab[len(WordTokenizer.SPECIALS):] if w not in banned]
+        (the ZSCL release's "random" reference sentences are random token ids likewise). The
+        tokenizer says what its pool is (``word_pool``: whole words for the project's tokenizer,
+        alphabetic BPE tokens for a transformers one)."""
+        pool = self.tokenizer.word_pool(self.union)
         if not pool:
             raise ValueError("the tokenizer has no word outside the stream's class names")
         pick = torch.randint(len(pool), (n, words), generator=generator)

@@ -60,6 +60,11 @@ class WordTokenizer:
         """Lower-case ``text`` and split it into words and single punctuation marks."""
         return re.findall(r"[^\W_]+|[^\w\s]|_", text.lower())
 
+    def word_pool(self, exclude: Iterable[str]) -> list[str]:
+        """Vocabulary words minus the specials and every word of the ``exclude`` texts."""
+        banned = {w for text in exclude for w in self.split(text)}
+        return [w for w in self.vocab[len(self.SPECIALS):] if w not in banned]
+
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)

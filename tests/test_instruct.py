@@ -207,6 +207,35 @@ def test_lilora_through_the_trainer(tokenizer, future) -> None:
     assert counts["per_task"] == {t: sum(2 * (o + 4) + 1 for _, o in layers) for t in ("colors", "choice")}
 
 
+def test_resumed_run_keeps_the_evaluation_log_and_mif(tokenizer, tmp_path) -> None:
+    """Stopped after task 1 and resumed by a fresh model, method and kind: the MIF record (zero-shot
+    and final) and the evaluation log equal those of the uninterrupted run."""
+    model = make_tiny_llava()
+    cfg = TrainConfig(iterations=2, batch_size=4, lr=1e-2, progress=False)
+
+    def run(directory, stop_after=None, resume=False):
+        kind = make_kind(tokenizer, model, evaluate_future=False, max_new_tokens=3)
+        method = build_method("lilora", rank=4, alpha=8.0, inner_rank=2, dropout=0.0, targets=LLAVA_TARGETS)
+
+        def stop(state):
+            if stop_after is not None and state.completed == stop_after:
+                raise KeyboardInterrupt
+
+        trainer = ContinualTrainer(copy.deepcopy(model), method, kind, TASKS, cfg, checkpoint_dir=directory,
+                                   on_task_end=stop)
+        state = trainer.run(resume=resume)
+        return kind.extra_results({"metrics": metrics.cvit_metrics(state.matrix)}), state
+
+    full, full_state = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_after=1)
+    resumed, resumed_state = run(tmp_path / "cut", resume=True)
+    assert resumed_state.matrix == full_state.matrix
+    assert [e["task"] for e in resumed["eval_log"]] == ["colors", "choice", "colors", "colors", "choice"]
+    assert resumed["eval_log"] == full["eval_log"] and resumed["mif"] == full["mif"]
+    assert resumed["metrics"]["mif"] == full["metrics"]["mif"]
+
+
 def test_real_scale_cvit_fails_before_training_with_download_hint(tmp_path) -> None:
     from continual_lora.benchmarks.runner import RunConfig
     from continual_lora.continual.config import from_dict

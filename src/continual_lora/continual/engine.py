@@ -91,6 +91,9 @@ class TaskKind(Protocol):
 
     def evaluate(self, model: nn.Module, task: Any, xtail: bool = False) -> float: ...  # percent
 
+    # optional: ``extra_state() -> dict`` / ``load_extra_state(dict)``, a JSON-able record the
+    # checkpoint keeps for the kind (the instruction kind's evaluation log)
+
 
 def task_name(task: Any) -> str:
     return task.name
@@ -131,6 +134,7 @@ class RunState:
     trainable_params: list[int] = field(default_factory=list)  # parameters trained on each task
     elapsed_s: float = 0.0
     method_state: dict[str, Any] = field(default_factory=dict)
+    kind_state: dict[str, Any] = field(default_factory=dict)  # a kind's own record (instruction tuning: MIF log)
 
     @property
     def completed(self) -> int:
@@ -308,6 +312,7 @@ class ContinualTrainer:
                 self.method.save(self.model, str(self.checkpoint_dir / f"rank{self.runtime.rank}" / "method"))
             return
         state.method_state = self.method.extra_state()
+        state.kind_state = self.kind.extra_state() if hasattr(self.kind, "extra_state") else {}
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoint_dir / self.CHECKPOINT
         tmp = self.checkpoint_dir / f".{self.CHECKPOINT}.tmp"
@@ -337,5 +342,7 @@ class ContinualTrainer:
         self.method.attach(self.model)
         self.method.load(self.model, str(final / "method"))
         self.method.load_extra_state(state.method_state)
+        if hasattr(self.kind, "load_extra_state"):
+            self.kind.load_extra_state(state.kind_state)
         self.model.to(self.runtime.device).eval()
         return state

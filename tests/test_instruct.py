@@ -155,6 +155,10 @@ def test_batch_shapes_and_loss(tokenizer) -> None:
     assert batch["pixel_values"].shape == (3, 3, 16, 16)
     loss = kind.loss(model, batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
+    # one process: the token mean the model computes itself (the kind gathers sums for data parallel)
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-6, atol=1e-6)
+    ragged = kind.train_batch(TASKS[1], torch.tensor([0, 5]), torch.Generator())
+    torch.testing.assert_close(kind.loss(model, ragged), model(**ragged).loss, rtol=1e-6, atol=1e-6)
     assert 0.0 <= kind.evaluate(model, TASKS[0]) <= 100.0 and kind.log[-1]["task"] == "colors"
 
 

@@ -26,8 +26,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .distributed import gather_batch
 from .instruct_data import IMAGE_PLACEHOLDER, InstructSample, InstructTask
 from .scorers import FORMATS, SCORERS, instruction_following_rate
 
@@ -174,8 +176,21 @@ class InstructionTuning:
                 "pixel_values": self._pixels(task, samples)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean next-token cross-entropy over the assistant tokens of the batch."""
-        return model(**batch).loss
+        """Mean next-token cross-entropy over the assistant tokens of the batch (the model's own
+        ``.loss`` in one process).
+
+        Data-parallel: each rank's per-sample NLL sums and token counts are gathered
+        (``gather_batch``), so every rank computes the token mean of the GLOBAL batch. The mean of
+        per-rank token means would weight a token by 1 / (its rank's token count).
+        """
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
+        target = labels[:, 1:]  # token t predicts token t + 1
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE_INDEX,
+                              reduction="none")  # (B, T - 1), 0 at ignored positions
+        sums = gather_batch(nll.sum(dim=1))  # (B_global,)
+        counts = gather_batch((target != IGNORE_INDEX).sum(dim=1))  # (B_global,)
+        return sums.sum() / counts.sum().clamp_min(1)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, task: InstructTask, samples: Sequence[InstructSample]) -> list[str]:

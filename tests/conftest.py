@@ -1,4 +1,5 @@
-"""Shared tiny models for the tests: a tiny transformers CLIP, a tiny LLaVA and a plain module.
+"""Shared tiny models for the tests: a tiny transformers CLIP, a tiny LLaVA and a plain module;
+plus the adapter helpers the test_adapter*.py files share (random nonzero factors, outputs).
 
 Every builder is seeded, so two calls give bit-identical weights ("a freshly built base
 model"), and returns the model in eval mode. All run on CPU in milliseconds.
@@ -21,6 +22,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
+
+from continual_lora.adapters import LoRAConfig, add_task, branches, inject_adapters
 
 CLIP_VOCAB = 64
 CLIP_EOS = CLIP_VOCAB - 1  # pooled text feature = hidden state at the first EOS token
@@ -100,3 +103,36 @@ def tiny_llava() -> LlavaForConditionalGeneration:
 @pytest.fixture
 def plain_model() -> PlainNet:
     return make_plain()
+
+
+# --- adapter helpers (tests/test_adapter*.py) ----------------------------------------------
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Give every task of every branch random, nonzero A and B (B = 0 would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, branch in sorted(branches(model).items()):
+        for task in branch.tasks:
+            for table in (branch.lora_A, branch.lora_B):
+                table[task].copy_(torch.randn(table[task].shape, generator=g) * std)
+
+
+def adapt(model: nn.Module, tasks=("t1",), seed: int = 0, rank: int = 4, alpha: float = 8.0,
+          targets=CLIP_TARGETS, **kw) -> nn.Module:
+    inject_adapters(model, LoRAConfig(rank=rank, alpha=alpha, targets=targets, **kw))
+    for task in tasks:
+        add_task(model, task)
+    randomize(model, seed)
+    return model
+
+
+@torch.no_grad()
+def clip_out(model: nn.Module, inputs=None) -> torch.Tensor:
+    out = model(**(inputs or clip_inputs()))
+    return torch.cat([out.logits_per_image.flatten(), out.text_embeds.flatten(), out.image_embeds.flatten()])
+
+
+def module_types(model: nn.Module) -> dict[str, type]:
+    return {name: type(m) for name, m in model.named_modules()}

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,14 +52,37 @@ N_TEST = 40  # max_test_per_task: both domains have at least 40 test images
 
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-LAUNCHERS = {  # mode -> the launcher's arguments before the module to run
+# ZeRO-3 through an accelerate config that points at a DeepSpeed JSON (the other way to configure
+# it). The JSON lowers stage3_param_persistence_threshold from DeepSpeed's default (1e5 elements,
+# more than any weight of this tiny model) to 0, so that the base weights are partitioned; the
+# trainer still raises it above the largest adapter tensor.
+ZERO3_JSON = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}
+ZERO3_YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  deepspeed_config_file: {json}
+  zero3_init_flag: false
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+LAUNCHERS = {  # mode -> the launcher's arguments before the module to run ({root}: the test's folder)
     "ddp": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-    # the shipped 8-GPU DeepSpeed configs, with 2 processes instead of 8
+    # the shipped 8-GPU ZeRO-2 config, with 2 processes instead of 8
     "zero2": ["-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "zero2_8gpu.yaml"),
               "--num_processes", "2"],
-    "zero3": ["-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "zero3_8gpu.yaml"),
-              "--num_processes", "2"],
+    "zero3": ["-m", "accelerate.commands.launch", "--config_file", "{root}/zero3.yaml"],
 }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +96,13 @@ def runs(tmp_path_factory) -> Path:
     single = [sys.executable, "-m", "continual_lora.cli", "run", str(cfg), f"output_dir={root}/single"]
     proc = subprocess.run(single, capture_output=True, text=True, env=env, timeout=300)  # also fills the caches
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (root / "zero3.json").write_text(json.dumps(ZERO3_JSON))
+    (root / "zero3.yaml").write_text(ZERO3_YAML.format(json=root / "zero3.json"))
     for mode, launcher in LAUNCHERS.items():
-        launch = [sys.executable, *launcher, "-m", "continual_lora.cli", "run", str(cfg), f"output_dir={root}/{mode}",
-                  "train.dump_replicas=true"]
+        # accelerate's default rendezvous port is fixed (29500): take a free one for each launch
+        port = ["--main_process_port", str(free_port())] if "accelerate.commands.launch" in launcher else []
+        launch = [sys.executable, *(a.format(root=root) for a in launcher), *port, "-m", "continual_lora.cli", "run",
+                  str(cfg), f"output_dir={root}/{mode}", "train.dump_replicas=true"]
         proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, f"{mode}:\n{proc.stderr[-3000:]}"
         (root / f"{mode}.stdout").write_text(proc.stdout)
@@ -98,6 +126,10 @@ def test_two_ranks_reproduce_the_single_process_run(runs, method, mode) -> None:
         for a, b in zip(row_one, row_two, strict=True):
             assert abs(a - b) <= 100.0 / N_TEST + 1e-9, (one["matrix"], two["matrix"])
     assert two["train_losses"] == pytest.approx(one["train_losses"], rel=1e-4)
+    # AdamW's step hides a constant gradient scale; the pre-clip norm does not (accumulation,
+    # rank averaging, the gathers' backward)
+    assert all(n is not None and n > 0 for n in one["grad_norms"])
+    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-4)
 
 
 @pytest.mark.parametrize("mode", LAUNCHERS)
@@ -136,6 +168,17 @@ def test_zero3_partitions_the_frozen_weights_and_keeps_adapters_whole(runs, meth
     assert total > layout["whole_numel"]  # most of the model is sharded
     assert total / 2 <= local <= total / 2 + layout["partitioned_tensors"]  # half each, up to padding
     assert "zero3_layout" not in results(runs, "zero2", method)["runtime"]
+
+
+@pytest.mark.parametrize("name,stage,processes", [("zero2_8gpu", 2, 8), ("zero3_8gpu", 3, 8), ("zero3_64gpu", 3, 64)])
+def test_shipped_deepspeed_accelerate_configs(name, stage, processes) -> None:
+    """What the launch lines in docs/scale.md rely on (zero2_8gpu.yaml itself runs in the test above)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
+    assert config.distributed_type == "DEEPSPEED" and config.num_processes == processes
+    assert config.deepspeed_config["zero_stage"] == stage and config.deepspeed_config["zero3_init_flag"] is False
+    assert config.mixed_precision == "no"  # precision is train.precision
 
 
 @pytest.mark.parametrize("mode", LAUNCHERS)
@@ -221,6 +264,48 @@ def test_precision_and_gradient_checkpointing_options_run_in_one_process(one_thr
         dataclasses.replace(TRAIN, precision="fp8")
 
 
+def test_train_step_enters_autocast_inside_its_forward() -> None:
+    """DeepSpeed's engine calls its module inside ``torch.autocast(enabled=False)`` when CUDA autocast
+    is already on; TrainStep enters the run's autocast inside its own forward, so it still applies."""
+    from continual_lora.continual.distributed import Runtime, TrainStep
+
+    dtypes = []
+
+    class Kind:
+        def loss(self, model, batch):
+            out = model(batch)
+            dtypes.append(out.dtype)
+            return out.float().square().mean()
+
+    class NoTerms:
+        def loss_terms(self, model, batch):
+            return {}
+
+    step = TrainStep(torch.nn.Linear(4, 4), NoTerms(), Kind(), autocast=Runtime(precision="bf16").autocast)
+    with torch.autocast("cpu", enabled=False):  # the engine's context around its module
+        step(torch.randn(2, 4))
+    plain = TrainStep(torch.nn.Linear(4, 4), NoTerms(), Kind())
+    plain(torch.randn(2, 4))
+    assert dtypes == [torch.bfloat16, torch.float32]
+
+
+def test_deepspeed_accelerator_must_match_the_training_device() -> None:
+    from continual_lora.continual.zero import select_accelerator
+
+    select_accelerator("cpu")  # this machine: DeepSpeed's CPU accelerator
+    with pytest.raises(RuntimeError, match="DS_ACCELERATOR=cuda"):
+        select_accelerator("cuda:0")
+
+
+def test_accelerate_mixed_precision_is_refused_unless_it_matches(monkeypatch) -> None:
+    from continual_lora.continual.distributed import Runtime
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="train.precision=bf16"):
+        Runtime.from_env("cpu", "fp32")
+    assert Runtime.from_env("cpu", "bf16").precision == "bf16"
+
+
 def test_deepspeed_settings_come_from_accelerate_and_the_run_config(tmp_path, monkeypatch) -> None:
     """accelerate's DeepSpeed config gives the ZeRO settings; the run config gives batch, clipping and
     precision; a DeepSpeed setting that contradicts the run config is an error, not an override."""
@@ -256,3 +341,19 @@ def test_deepspeed_settings_come_from_accelerate_and_the_run_config(tmp_path, mo
         from_file({**zero2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
     with pytest.raises(ValueError, match="bf16"):
         from_file({**zero2, "bf16": {"enabled": True}})
+    with pytest.raises(ValueError, match="torch_autocast"):
+        from_file({**zero2, "torch_autocast": {"enabled": True}})
+    with pytest.raises(ValueError, match="scheduler"):
+        from_file({**zero2, "scheduler": {"type": "WarmupLR"}})
+    with pytest.raises(ValueError, match="amp"):
+        from_file({**zero2, "amp": {"enabled": True}})
+    with pytest.raises(ValueError, match="gradient_clipping"):
+        from_file({**zero2, "gradient_clipping": 0.5})  # the run config says no clipping (None -> 0.0)
+    config = from_file({**zero2, "gradient_accumulation_steps": 1})  # accelerate's default 1: ours wins
+    assert config["gradient_accumulation_steps"] == 2
+    zero3 = {"zero_optimization": {"stage": 3, "offload_param": {"device": "none", "buffer_size": "auto"}}}
+    config = from_file(zero3)
+    assert config["zero_optimization"] == {"stage": 3, "offload_param": {"device": "none"},
+                                           "memory_efficient_linear": False}  # nested "auto" dropped too
+    with pytest.raises(ValueError, match="stage3_model_persistence_threshold"):
+        from_file({"zero_optimization": {"stage": 3, "stage3_model_persistence_threshold": 10**6}})

@@ -48,8 +48,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..adapters.layers import AdaptedMultiheadAttention
-from .zero import (build_engine, deepspeed_requested, release, set_leaf_modules, zero3_layout, zero_settings,
-                   zero_stage)
+from .zero import (build_engine, deepspeed_requested, release, select_accelerator, set_leaf_modules, zero3_layout,
+                   zero_settings, zero_stage)
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,6 +69,15 @@ def process_rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
+
+
+def _check_accelerate_precision(precision: str) -> None:
+    """accelerate's ``mixed_precision`` is not read (precision is ``train.precision``): refuse a
+    launcher config that asks for another one rather than ignore it."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked not in ("no", precision):
+        raise ValueError(f"the accelerate config sets mixed_precision={asked!r}, which the trainer does not read; "
+                         f"set train.precision={asked} in the run config and keep mixed_precision 'no'")
 
 
 # --- batch-coupled losses ------------------------------------------------------------------------
@@ -162,22 +171,31 @@ def shard_test_set(task: Any, rank: int, world: int) -> Any | None:
 # --- the per-task training module ----------------------------------------------------------------
 class TrainStep(nn.Module):
     """``forward(batch) -> (total loss, loss terms)``: the kind's loss plus the method's weighted
-    terms, computed in one module so that DDP sees the whole graph."""
+    terms, computed in one module so that DDP sees the whole graph.
 
-    def __init__(self, model: nn.Module, method: Any, kind: Any, gather_group: Any = None) -> None:
+    Mixed precision is entered HERE, inside the module's forward: DeepSpeed's engine runs its
+    module inside ``torch.autocast(enabled=False)`` when it finds CUDA autocast already on and its
+    config has no ``torch_autocast`` section, so an autocast around the engine call would be
+    switched off for the whole training forward.
+    """
+
+    def __init__(self, model: nn.Module, method: Any, kind: Any, gather_group: Any = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
         super().__init__()
         self.model = model
         self.method = method  # not a module: its state lives in the model's branches
         self.kind = kind
         self.gather_group = gather_group
+        self.autocast = autocast
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         gather = _gathering(self.gather_group) if self.gather_group is not None else contextlib.nullcontext()
-        with gather:
-            loss = self.kind.loss(self.model, batch)
-        # outside the gather: batches a method draws itself (replay, joint training) are whole on
-        # every rank; a term that couples ``batch``'s own rows gathers them with gather_rows
-        terms = self.method.loss_terms(self.model, batch)
+        with self.autocast():
+            with gather:
+                loss = self.kind.loss(self.model, batch)
+            # outside the gather: batches a method draws itself (replay, joint training) are whole on
+            # every rank; a term that couples ``batch``'s own rows gathers them with gather_rows
+            terms = self.method.loss_terms(self.model, batch)
         total = loss + sum(terms.values()) if terms else loss
         return total, terms
 
@@ -217,12 +235,14 @@ class Runtime:
         config asks for it (``batch_size`` etc. then fill DeepSpeed's batch settings, see .zero)."""
         world = launched_world_size()
         use_deepspeed = deepspeed_requested()
+        _check_accelerate_precision(precision)
         if world <= 1 and not use_deepspeed:
             return cls(device, precision)
         ds_config = None
         if use_deepspeed:
             if batch_size is None:
                 raise ValueError("DeepSpeed needs the run's batch size: Runtime.from_env(..., batch_size=...)")
+            select_accelerator(device)  # before anything imports deepspeed
             ds_config = zero_settings(batch_size, grad_accum, world, max_grad_norm, precision)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.startswith("cuda"):
@@ -310,16 +330,18 @@ class Runtime:
         """
         gather_group = dist.group.WORLD if self.distributed else None
         if self.deepspeed is not None and optimizer is not None:
-            step = TrainStep(model, method, kind, gather_group=gather_group)
+            step = TrainStep(model, method, kind, gather_group=gather_group, autocast=self.autocast)
             if zero_stage(self.deepspeed) == 3:
                 set_leaf_modules(model, (AdaptedMultiheadAttention,))
             self._engine, optimizer = build_engine(step, optimizer, self.deepspeed)
             if zero_stage(self.deepspeed) == 3:
                 self.zero3_layout = zero3_layout(self._engine.module)
+                if self.zero3_layout["adapters_partitioned"]:  # methods read them outside their forward
+                    raise RuntimeError(f"ZeRO-3 partitioned adapter tensors {self.zero3_layout['adapters_partitioned'][:3]}")
             return self._engine, optimizer
         if not self.distributed or not any(p.requires_grad for p in model.parameters()):
-            return TrainStep(model, method, kind), optimizer  # (a task with no training step needs no DDP)
-        step = TrainStep(model, method, kind, gather_group=gather_group)
+            return TrainStep(model, method, kind, autocast=self.autocast), optimizer  # (no training step: no DDP)
+        step = TrainStep(model, method, kind, gather_group=gather_group, autocast=self.autocast)
         # Replicas start identical by construction (same seeds, same checkpoint), so DDP does not
         # re-broadcast them (init_sync=False); check_replicas verifies it instead.
         device_ids = [self.local_rank] if self.device.startswith("cuda") else None
@@ -400,20 +422,22 @@ class Runtime:
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                       max_grad_norm: float | None, scaler: torch.amp.GradScaler | None) -> None:
-        """Clip, step and zero the gradients (DeepSpeed did all three in its last ``engine.step()``)."""
+                       max_grad_norm: float | None, scaler: torch.amp.GradScaler | None) -> float:
+        """Clip, step and zero the gradients; returns the global gradient norm before clipping
+        (DeepSpeed did all of it in its last ``engine.step()`` and reports the norm it computed)."""
         if self._engine is not None:
-            return
+            norm = self._engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
         if scaler is not None:
             scaler.unscale_(optimizer)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     def check_replicas(self, model: nn.Module, where: str) -> None:
         """Raise unless every rank holds bit-identical weights, adapters and buffers."""

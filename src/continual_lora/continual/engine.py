@@ -131,6 +131,7 @@ class RunState:
     xtail_matrix: list[list[float]] = field(default_factory=list)
     task_seconds: list[float] = field(default_factory=list)
     train_losses: list[float | None] = field(default_factory=list)  # mean loss of each task's last 10 % of steps
+    grad_norms: list[float | None] = field(default_factory=list)  # mean pre-clip gradient norm, same steps
     trainable_params: list[int] = field(default_factory=list)  # parameters trained on each task
     elapsed_s: float = 0.0
     method_state: dict[str, Any] = field(default_factory=dict)
@@ -217,8 +218,9 @@ class ContinualTrainer:
         return scores
 
     # --- training -----------------------------------------------------------------------
-    def train_task(self, task: Any, index: int) -> tuple[float | None, int]:
-        """Train one task; returns (mean loss over the last 10 % of steps, trainable parameters)."""
+    def train_task(self, task: Any, index: int) -> tuple[float | None, float | None, int]:
+        """Train one task; returns (mean loss and mean pre-clip gradient norm over the last 10 % of
+        steps, trainable parameters)."""
         cfg = self.config
         seed = cfg.seed * 100_003 + 1_000 * (index + 1)
         torch.manual_seed(seed)
@@ -242,21 +244,22 @@ class ContinualTrainer:
         shared_rng = runtime.fork_rng(seed)  # distributed: per-rank dropout masks while training
         self.model.train()
         tail_losses: list[float] = []
+        tail_norms: list[float] = []
         bar = tqdm(range(steps), desc=f"train {task_name(task)} [{index + 1}/{len(self.tasks)}]",
                    disable=not (cfg.progress and runtime.is_main), leave=False)
         for step in bar:
             for micro in range(cfg.grad_accum):
                 batch = runtime.local_batch(self.kind.train_batch(task, next(stream), generator), cfg.batch_size)
                 with runtime.no_sync(train_step, last_micro_batch=micro == cfg.grad_accum - 1):
-                    with runtime.autocast():
-                        total, terms = train_step(batch)  # kind loss + method loss terms
+                    total, terms = train_step(batch)  # kind loss + method loss terms, autocast inside
                     runtime.backward(total / cfg.grad_accum, scaler)
-            runtime.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
+            norm = runtime.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
             schedule.step()
             self.method.after_step(self.model)
             value = float(total.detach())
             if step >= steps - max(1, steps // 10):
                 tail_losses.append(value)
+                tail_norms.append(norm)
             bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in terms.items()})
         del train_step, optimizer  # drops DDP's gradient hooks before the next task re-wraps the model
         runtime.finish()  # DeepSpeed: ZeRO-3 parameters whole again, the engine's hooks removed
@@ -265,7 +268,8 @@ class ContinualTrainer:
         self.method.end_task(self.model, task_name(task), index)
         runtime.check_replicas(self.model, f"after task {task_name(task)!r}")
         mean_loss = sum(tail_losses) / len(tail_losses) if tail_losses else None
-        return mean_loss, trainable
+        mean_norm = sum(tail_norms) / len(tail_norms) if tail_norms else None
+        return mean_loss, mean_norm, trainable
 
     # --- the schedule -------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunState:
@@ -285,8 +289,9 @@ class ContinualTrainer:
         for index in range(state.completed, len(self.tasks)):
             task = self.tasks[index]
             start = time.perf_counter()
-            loss, trainable = self.train_task(task, index)
+            loss, norm, trainable = self.train_task(task, index)
             state.train_losses.append(loss)
+            state.grad_norms.append(norm)
             state.trainable_params.append(trainable)
             future = getattr(self.kind, "evaluate_future", True)  # False (CVIT): tasks 0..index, the rest = zero-shot
             state.matrix.append(self.evaluate_all(label=f"eval after {task_name(task)}",

@@ -185,9 +185,10 @@ class InstructionTuning:
         """
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
-        target = labels[:, 1:]  # token t predicts token t + 1
+        # token t predicts token t + 1: shift the labels, not the logits (no copy of the (B, T, V) tensor)
+        target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # (B, T)
         # (rows, V) layout: the (B, V, T) one is about 10x less accurate on CPU (7e-5 vs 7e-6 per token)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)  # 0 where ignored
         sums = gather_batch(nll.sum(dim=1))  # (B_global,)
         counts = gather_batch((target != IGNORE_INDEX).sum(dim=1))  # (B_global,)

@@ -36,7 +36,9 @@ loss scaler that DeepSpeed's fp32 mode lacks and is refused; use bf16.
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -46,9 +48,28 @@ from torch import nn
 from ..adapters.base import AdapterBranch
 
 
+DEEPSPEED_PERSISTENCE_DEFAULT = 100_000  # DeepSpeed's own default: small tensors (norms, biases) stay whole
+
+
 def deepspeed_requested() -> bool:
     """True under ``accelerate launch`` with a DeepSpeed config."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def select_accelerator(device: str) -> None:
+    """Make DeepSpeed run where the trainer runs. DeepSpeed picks its accelerator from
+    ``torch.cuda.is_available()``, so a CPU run on a machine with a GPU must say so (DS_ACCELERATOR)
+    before deepspeed is first imported; a mismatch found later is an error."""
+    kind = torch.device(device).type
+    if kind == "cpu" and "deepspeed" not in sys.modules:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    found = get_accelerator().device_name()
+    if found != kind:
+        raise RuntimeError(f"DeepSpeed runs on {found!r} but train.device is {device!r}; set DS_ACCELERATOR={kind} "
+                           "before the run starts")
 
 
 def _import_deepspeed() -> Any:
@@ -75,6 +96,9 @@ def zero_settings(batch_size: int, grad_accum: int, world_size: int, max_grad_no
         if key in config:
             raise ValueError(f"the DeepSpeed config has a {key!r} section; the trainer builds AdamW and its "
                              "schedule per task from train.lr / train.warmup_ratio: remove the section")
+    if config.get("torch_autocast", {}).get("enabled", False):
+        raise ValueError("the DeepSpeed config enables torch_autocast; set train.precision instead (the trainer "
+                         "enters autocast itself, see continual_lora.continual.zero)")
     for key in ("fp16", "bf16"):
         enabled = config.get(key, {}).get("enabled", False)
         if enabled not in (False, "auto"):
@@ -97,13 +121,23 @@ def zero_settings(batch_size: int, grad_accum: int, world_size: int, max_grad_no
                              f"{value!r}; set it in the run config (train.batch_size, train.grad_accum, "
                              "train.max_grad_norm) and leave it 'auto' in the DeepSpeed config")
         config[key] = value
-    zero = dict(config.get("zero_optimization", {}))
-    config["zero_optimization"] = {k: v for k, v in zero.items() if v != "auto"}  # DeepSpeed's defaults
+    zero = _drop_auto(dict(config.get("zero_optimization", {})))  # "auto": DeepSpeed's own defaults
+    if zero.get("stage") == 3:
+        if "stage3_model_persistence_threshold" in zero:
+            raise ValueError("stage3_model_persistence_threshold would let ZeRO-3 partition adapter tensors, which "
+                             "methods read outside their module's forward; remove it from the DeepSpeed config")
+        zero["memory_efficient_linear"] = False  # else DeepSpeed replaces F.linear for the whole process
+    config["zero_optimization"] = zero
     config["zero_allow_untested_optimizer"] = True  # torch AdamW, as in the DDP path
     config["zero_force_ds_cpu_optimizer"] = False  # optimizer offload runs the same AdamW on CPU
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config
+
+
+def _drop_auto(section: dict[str, Any]) -> dict[str, Any]:
+    """``section`` without its "auto" values, at any depth."""
+    return {k: _drop_auto(v) if isinstance(v, dict) else v for k, v in section.items() if v != "auto"}
 
 
 def zero_stage(config: dict[str, Any]) -> int:
@@ -118,7 +152,8 @@ def build_engine(step: nn.Module, optimizer: torch.optim.Optimizer, config: dict
         adapters = [p.numel() for m in step.modules() if isinstance(m, AdapterBranch) for p in m.parameters()]
         keep_whole = 1 + max(adapters, default=0)
         zero = dict(config["zero_optimization"])
-        zero["stage3_param_persistence_threshold"] = max(keep_whole, int(zero.get("stage3_param_persistence_threshold", 0)))
+        given = int(zero.get("stage3_param_persistence_threshold", DEEPSPEED_PERSISTENCE_DEFAULT))
+        zero["stage3_param_persistence_threshold"] = max(keep_whole, given)
         config["zero_optimization"] = zero
     # DeepSpeed's own collectives call a torch API that warns on every call
     warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]*_tensor` is deprecated", category=FutureWarning)
@@ -145,22 +180,76 @@ def zero3_layout(module: nn.Module) -> dict[str, Any]:
 
 
 def release(engine: Any) -> None:
-    """End a task's engine. ZeRO-3: every partitioned parameter becomes a plain, whole one again
-    (same values, same ``requires_grad``), one at a time so that at most one extra layer is gathered.
-    Every rank must call this (gathering is a collective)."""
+    """End a task's engine; every rank must call it (gathering is a collective).
+
+    ZeRO-3: every partitioned parameter is gathered, module by module, into a plain whole
+    ``nn.Parameter`` (same values, same ``requires_grad``; tied weights stay tied); the engine is
+    destroyed (its hooks go), then what DeepSpeed left on the modules and in its module-level state
+    is removed, so that nothing keeps the old shards or the model alive and later forwards (of this
+    model or another) are plain torch. :func:`check_released` verifies it.
+    """
     deepspeed = _import_deepspeed()
     module = engine.module
-    replaced: dict[int, nn.Parameter] = {}
+    whole: dict[int, nn.Parameter] = {}
     for owner in module.modules():
-        for name, param in list(owner._parameters.items()):
-            if param is None or not hasattr(param, "ds_id"):
-                continue
-            if id(param) not in replaced:  # tied weights: one new parameter for one old one
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    whole = param.data.detach().clone()
-                replaced[id(param)] = nn.Parameter(whole, requires_grad=param.requires_grad)
-            owner._parameters[name] = replaced[id(param)]
-    engine.destroy()  # ZeRO-3: removes the fetch / release hooks from the modules
+        todo = {id(p): p for p in owner._parameters.values()
+                if p is not None and hasattr(p, "ds_id") and id(p) not in whole}
+        if todo:
+            with deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None):
+                for key, param in todo.items():
+                    whole[key] = nn.Parameter(param.data.detach().clone(), requires_grad=param.requires_grad)
+    engine.destroy()  # removes ZeRO's fetch / release / gradient hooks
+    for handle in (getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook", None)):
+        if handle is not None:  # the engine's own hooks on its module (destroy() keeps them)
+            handle.remove()
+    if whole:
+        from deepspeed.runtime.zero import parameter_offload
+
+        parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not module]
+        for owner in module.modules():
+            owner._parameters = {name: whole.get(id(p), p) if p is not None else None
+                                 for name, p in owner._parameters.items()}  # a plain dict, as torch builds it
+            for attr in ZERO3_MODULE_ATTRIBUTES:
+                owner.__dict__.pop(attr, None)
+        gc.collect()
+    check_released(module)
+
+
+# what ZeRO-3 sets on a module: the original parameter dict and the "external parameter" registry
+ZERO3_MODULE_ATTRIBUTES = ("_original_parameters", "_external_params", "ds_external_parameters", "all_parameters")
+
+
+def _from_deepspeed(fn: Any) -> bool:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return (getattr(fn, "__module__", None) or "").startswith("deepspeed")
+
+
+def check_released(module: nn.Module) -> None:
+    """Raise unless ``module`` is free of DeepSpeed state (see :func:`release`)."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    problems = []
+    if any(p is not None and hasattr(p, "ds_id") for m in module.modules() for p in m._parameters.values()):
+        problems.append("partitioned parameters")
+    if any(attr in m.__dict__ for m in module.modules() for attr in ZERO3_MODULE_ATTRIBUTES):
+        problems.append("ZeRO-3 module attributes")
+    if any(m is module for m in parameter_offload.FWD_MODULE_STACK):
+        problems.append("an entry in DeepSpeed's forward-module stack")
+    hooks = [f"{name or 'top'}: {getattr(getattr(hook, 'func', hook), '__qualname__', hook)}"
+             for name, m in module.named_modules()
+             for table in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+             for hook in table.values() if _from_deepspeed(hook)]
+    if hooks:
+        problems.append(f"{len(hooks)} DeepSpeed hooks (e.g. {hooks[:3]})")
+    grad_hooks = [name for name, p in module.named_parameters()
+                  for table in (p._backward_hooks or {}, getattr(p, "_post_accumulate_grad_hooks", None) or {})
+                  for hook in table.values() if _from_deepspeed(hook)]
+    if grad_hooks:
+        problems.append(f"DeepSpeed gradient hooks on {len(grad_hooks)} parameters (e.g. {grad_hooks[:3]})")
+    if _from_deepspeed(torch.nn.functional.linear):
+        problems.append("DeepSpeed's F.linear patch")
+    if problems:
+        raise RuntimeError(f"ZeRO-3 release left {', '.join(problems)} behind")
 
 
 def set_leaf_modules(model: nn.Module, classes: tuple[type, ...]) -> None:

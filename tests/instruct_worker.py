@@ -10,9 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 from conftest import make_tiny_llava  # noqa: E402
-from test_instruct import tiny_tokenizer  # noqa: E402
+from test_instruct import color_images, tiny_tokenizer  # noqa: E402
 
 from continual_lora.benchmarks.llava_mini import LLAVA_TARGETS  # noqa: E402
 from continual_lora.continual.distributed import process_rank  # noqa: E402
@@ -26,16 +25,9 @@ QUESTION = "<image>\nWhat color is it ?"
 
 
 def ragged_task(name: str, seed: int) -> InstructTask:
-    g = torch.Generator().manual_seed(seed)
-    images, samples = [], []
-    for k in range(16):
-        y = k % 3
-        img = torch.zeros(3, 16, 16)
-        img[y] = 1.0
-        images.append((img + 0.05 * torch.rand(3, 16, 16, generator=g)).clamp(0, 1))
-        samples.append(InstructSample(f"{name}-{k}", ((QUESTION, ANSWERS[y]),), image=k))
+    samples = [InstructSample(f"{name}-{k}", ((QUESTION, ANSWERS[k % 3]),), image=k) for k in range(16)]
     return InstructTask(name, samples[:12], samples[12:], scorer="exact", answer_format="sentence",
-                        images=torch.stack(images))
+                        images=color_images(16, seed))
 
 
 def run() -> RunState:

@@ -42,22 +42,29 @@ def tiny_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return tok
 
 
+def color_images(n: int, seed: int) -> torch.Tensor:
+    """(n, 3, 16, 16): image k is solid colour k % 3 (red, green, blue) plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for k in range(n):
+        img = torch.zeros(3, 16, 16)
+        img[k % 3] = 1.0
+        images.append((img + 0.05 * torch.rand(3, 16, 16, generator=g)).clamp(0, 1))
+    return torch.stack(images)
+
+
 def color_task(name: str, fmt: str, seed: int) -> InstructTask:
     """Solid-colour 16 px images; short answers ("red") or a 3-way multiple choice ("B")."""
-    g = torch.Generator().manual_seed(seed)
-    samples, images = [], []
+    samples = []
     for k in range(18):
         y = k % 3
-        img = torch.zeros(3, 16, 16)
-        img[y] = 1.0
-        images.append((img + 0.05 * torch.rand(3, 16, 16, generator=g)).clamp(0, 1))
         if fmt == "short":
             turn = ("<image>\nWhat color is it ? Answer with one word .", COLORS[y])
         else:
             turn = ("<image>\nWhich color ? A . red B . green C . blue Answer with the letter .", "ABC"[y])
         samples.append(InstructSample(f"{name}-{k}", (turn,), image=k))
     return InstructTask(name, samples[:12], samples[12:], scorer="exact" if fmt == "short" else "option",
-                        answer_format=fmt, images=torch.stack(images))
+                        answer_format=fmt, images=color_images(18, seed))
 
 
 TASKS = [color_task("colors", "short", 1), color_task("choice", "letter", 2)]

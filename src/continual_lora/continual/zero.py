@@ -6,14 +6,18 @@ sets ACCELERATE_USE_DEEPSPEED and the ZeRO settings (stage, offload, an optional
 DeepSpeed config works. The run config stays the source of truth for what it owns: the global batch
 (``train.batch_size`` x ``train.grad_accum``), clipping (``train.max_grad_norm``), precision
 (``train.precision``, as autocast) and the optimiser (AdamW + warm-up/cosine, rebuilt per task).
-A DeepSpeed setting that contradicts it is an error, never silently overridden.
+A DeepSpeed setting that contradicts it is an error, not silently overridden (the one exception:
+``gradient_accumulation_steps: 1``, which accelerate writes whether or not it was asked for).
 
 Per task, after ``method.begin_task`` (the trainable set changes from task to task)::
 
     engine = deepspeed.initialize(TrainStep(model, method, kind), AdamW(trainable))
     for each micro-batch: engine(batch) -> loss; engine.backward(loss); engine.step()
-    release(engine):  ZeRO-3 only: gather every partitioned parameter back into a plain one
-                      (layer by layer), then engine.destroy() removes DeepSpeed's hooks
+                      (autocast is entered inside TrainStep.forward; the optimiser steps at the
+                      accumulation boundary)
+    release(engine):  engine.destroy() and the engine's own hooks removed; ZeRO-3: every
+                      partitioned parameter gathered back into a plain one (module by module)
+                      and DeepSpeed's module state removed, checked by check_released
 
 What is sharded, per rank of W:
   ZeRO-1: AdamW state of the trainable (adapter) parameters;
@@ -25,8 +29,8 @@ What is sharded, per rank of W:
           model is whole again, so ``end_task`` (the Rank-1 pool merges into W0), evaluation,
           checkpoints and export see ordinary tensors, exactly as under DDP.
 
-So ZeRO-3 lowers the *training* peak (W0 / W per rank plus one gathered layer), while evaluation
-needs the whole frozen model on each device once per task, as under DDP.
+So ZeRO-3 lowers the *training* peak (W0 / W per rank plus the layers gathered at the time), while
+evaluation needs the whole frozen model on each device once per task, as under DDP.
 
 Mixed precision is our autocast over DeepSpeed's fp32 mode: DeepSpeed's own bf16/fp16 modes cast the
 whole module, which would turn the methods' float buffers (vote counts, snapshots) into 16-bit
@@ -115,7 +119,7 @@ def zero_settings(batch_size: int, grad_accum: int, world_size: int, max_grad_no
     }
     for key, value in ours.items():
         given = config.get(key, "auto")
-        # accelerate launch writes gradient accumulation 1 and clipping from its own config by default
+        # accelerate launch writes gradient_accumulation_steps 1 even when its config says nothing
         if given not in ("auto", value) and not (key == "gradient_accumulation_steps" and given == 1):
             raise ValueError(f"the DeepSpeed / accelerate config sets {key}={given!r}, the run config implies "
                              f"{value!r}; set it in the run config (train.batch_size, train.grad_accum, "

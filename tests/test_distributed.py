@@ -289,8 +289,10 @@ def test_train_step_enters_autocast_inside_its_forward() -> None:
     assert dtypes == [torch.bfloat16, torch.float32]
 
 
-def test_deepspeed_accelerator_must_match_the_training_device() -> None:
+def test_deepspeed_accelerator_must_match_the_training_device(monkeypatch) -> None:
     from continual_lora.continual.zero import select_accelerator
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # restored afterwards: later launches copy os.environ
 
     select_accelerator("cpu")  # this machine: DeepSpeed's CPU accelerator
     with pytest.raises(RuntimeError, match="DS_ACCELERATOR=cuda"):

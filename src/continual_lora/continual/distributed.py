@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import contextvars
 import dataclasses
 import inspect
@@ -238,16 +239,16 @@ class Runtime:
         _check_accelerate_precision(precision)
         if world <= 1 and not use_deepspeed:
             return cls(device, precision)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
         ds_config = None
         if use_deepspeed:
             if batch_size is None:
                 raise ValueError("DeepSpeed needs the run's batch size: Runtime.from_env(..., batch_size=...)")
             select_accelerator(device)  # before anything imports deepspeed
             ds_config = zero_settings(batch_size, grad_accum, world, max_grad_norm, precision)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             # long timeout: rank 0 may fill the data / model caches while the others wait (main_first)
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
@@ -362,7 +363,13 @@ class Runtime:
         plain model (see .zero)."""
         if self._engine is not None:
             engine, self._engine = self._engine, None
-            release(engine)
+            probes = release(engine)
+            del engine
+            gc.collect()
+            alive = [ref() for ref in probes if ref() is not None]
+            if alive:  # the old shards (about W0 / W per rank) would stay in memory, task after task
+                raise RuntimeError(f"ZeRO-3 state outlived its task: {[type(x).__name__ for x in alive]} still "
+                                   "referenced (see continual_lora.continual.zero.release)")
 
     def local_batch(self, batch: Any, batch_size: int) -> Any:
         """This rank's rows of the global batch (the batch itself in one process)."""
@@ -422,12 +429,12 @@ class Runtime:
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                       max_grad_norm: float | None, scaler: torch.amp.GradScaler | None) -> float:
-        """Clip, step and zero the gradients; returns the global gradient norm before clipping
-        (DeepSpeed did all of it in its last ``engine.step()`` and reports the norm it computed)."""
+                       max_grad_norm: float | None, scaler: torch.amp.GradScaler | None) -> Any:
+        """Clip, step and zero the gradients; returns the global gradient norm before clipping, as a
+        tensor (no host sync here) or a number (DeepSpeed did all of it in its last ``engine.step()``
+        and reports the norm it computed, or None)."""
         if self._engine is not None:
-            norm = self._engine.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
+            return self._engine.get_global_grad_norm()  # None when DeepSpeed computed none
         if scaler is not None:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
@@ -437,7 +444,7 @@ class Runtime:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def check_replicas(self, model: nn.Module, where: str) -> None:
         """Raise unless every rank holds bit-identical weights, adapters and buffers."""

@@ -259,9 +259,13 @@ class ContinualTrainer:
             value = float(total.detach())
             if step >= steps - max(1, steps // 10):
                 tail_losses.append(value)
-                tail_norms.append(norm)
+                if norm is not None and math.isfinite(float(norm)):  # (fp16: overflow steps are skipped)
+                    tail_norms.append(float(norm))
             bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in terms.items()})
-        del train_step, optimizer  # drops DDP's gradient hooks before the next task re-wraps the model
+        # drop DDP's gradient hooks / every reference to the engine and its parameters (the last loss's
+        # graph holds the parameters) before the next task re-wraps the model
+        del train_step, optimizer, schedule, params
+        total = terms = None
         runtime.finish()  # DeepSpeed: ZeRO-3 parameters whole again, the engine's hooks removed
         runtime.join_rng(shared_rng)
         self.model.eval()
@@ -341,6 +345,7 @@ class ContinualTrainer:
                 return None
             os.replace(old, final)
         state = RunState(**json.loads((final / "state.json").read_text()))
+        state.grad_norms += [None] * (len(state.train_losses) - len(state.grad_norms))  # older checkpoints
         names = [task_name(t) for t in self.tasks]
         if state.tasks != names:
             raise ValueError(f"checkpoint tasks {state.tasks} differ from this run's tasks {names}")

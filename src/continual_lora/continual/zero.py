@@ -40,10 +40,10 @@ loss scaler that DeepSpeed's fp32 mode lacks and is refused; use bf16.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -127,10 +127,15 @@ def zero_settings(batch_size: int, grad_accum: int, world_size: int, max_grad_no
         config[key] = value
     zero = _drop_auto(dict(config.get("zero_optimization", {})))  # "auto": DeepSpeed's own defaults
     if zero.get("stage") == 3:
-        if "stage3_model_persistence_threshold" in zero:
-            raise ValueError("stage3_model_persistence_threshold would let ZeRO-3 partition adapter tensors, which "
-                             "methods read outside their module's forward; remove it from the DeepSpeed config")
-        zero["memory_efficient_linear"] = False  # else DeepSpeed replaces F.linear for the whole process
+        for key in ("stage3_model_persistence_threshold", "model_persistence_threshold"):  # name and alias
+            if key in zero:
+                raise ValueError(f"{key} would let ZeRO-3 partition adapter tensors, which methods read outside "
+                                 "their module's forward; remove it from the DeepSpeed config")
+        # DeepSpeed's memory-efficient linear (it replaces F.linear for the whole process) stays off:
+        # with it, 2-rank runs of several methods in one process diverged in a frozen weight (not
+        # diagnosed, docs/scale.md); without it, plain F.linear keeps each gathered frozen weight
+        # until its backward unless gradient checkpointing is on
+        zero["memory_efficient_linear"] = False
     config["zero_optimization"] = zero
     config["zero_allow_untested_optimizer"] = True  # torch AdamW, as in the DDP path
     config["zero_force_ds_cpu_optimizer"] = False  # optimizer offload runs the same AdamW on CPU
@@ -156,7 +161,8 @@ def build_engine(step: nn.Module, optimizer: torch.optim.Optimizer, config: dict
         adapters = [p.numel() for m in step.modules() if isinstance(m, AdapterBranch) for p in m.parameters()]
         keep_whole = 1 + max(adapters, default=0)
         zero = dict(config["zero_optimization"])
-        given = int(zero.get("stage3_param_persistence_threshold", DEEPSPEED_PERSISTENCE_DEFAULT))
+        alias = zero.pop("param_persistence_threshold", DEEPSPEED_PERSISTENCE_DEFAULT)  # DeepSpeed accepts both
+        given = int(zero.get("stage3_param_persistence_threshold", alias))
         zero["stage3_param_persistence_threshold"] = max(keep_whole, given)
         config["zero_optimization"] = zero
     # DeepSpeed's own collectives call a torch API that warns on every call
@@ -183,14 +189,18 @@ def zero3_layout(module: nn.Module) -> dict[str, Any]:
     }
 
 
-def release(engine: Any) -> None:
+def release(engine: Any) -> list[weakref.ref]:
     """End a task's engine; every rank must call it (gathering is a collective).
 
     ZeRO-3: every partitioned parameter is gathered, module by module, into a plain whole
-    ``nn.Parameter`` (same values, same ``requires_grad``; tied weights stay tied); the engine is
-    destroyed (its hooks go), then what DeepSpeed left on the modules and in its module-level state
-    is removed, so that nothing keeps the old shards or the model alive and later forwards (of this
-    model or another) are plain torch. :func:`check_released` verifies it.
+    ``nn.Parameter`` (same values, same ``requires_grad``; tied weights stay tied). Then DeepSpeed's
+    state goes: the parameter coordinator's trace and its class-level cache (both hold the old
+    parameters, hence their shards), the engine (``destroy()`` and the engine's own forward hooks),
+    what DeepSpeed set on each module (old parameter dict, external-parameter registry, the
+    backward-hook classes bound to this engine, ``ds_*`` counters), the module's entry in its
+    forward stack, and its ``F.linear`` replacement. :func:`check_released` verifies the modules;
+    the returned weak references (an old partitioned parameter, the engine's optimiser) must be dead
+    once the caller has dropped the engine (:meth:`Runtime.finish` checks).
     """
     deepspeed = _import_deepspeed()
     module = engine.module
@@ -202,25 +212,51 @@ def release(engine: Any) -> None:
             with deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None):
                 for key, param in todo.items():
                     whole[key] = nn.Parameter(param.data.detach().clone(), requires_grad=param.requires_grad)
+    probes: list[weakref.ref] = []
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if whole:
+        old = next(p for m in module.modules() for p in m._parameters.values() if p is not None and id(p) in whole)
+        probes = [weakref.ref(old), weakref.ref(engine.optimizer)]
+    if offload is not None:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+
+        coordinator = offload.get_param_coordinator()
+        if not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()  # the recorded trace holds the old parameters
+        cached = Coordinator._PartitionedParameterCoordinator__params_to_release  # an lru_cache keyed by coordinator
+        while not hasattr(cached, "cache_clear") and hasattr(cached, "__wrapped__"):  # under its nvtx wrapper
+            cached = cached.__wrapped__
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
     engine.destroy()  # removes ZeRO's fetch / release / gradient hooks
     for handle in (getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook", None)):
         if handle is not None:  # the engine's own hooks on its module (destroy() keeps them)
             handle.remove()
     if whole:
         from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
 
         parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not module]
         for owner in module.modules():
             owner._parameters = {name: whole.get(id(p), p) if p is not None else None
                                  for name, p in owner._parameters.items()}  # a plain dict, as torch builds it
-            for attr in ZERO3_MODULE_ATTRIBUTES:
-                owner.__dict__.pop(attr, None)
-        gc.collect()
+            for key in [k for k, v in owner.__dict__.items() if _set_by_zero3(k, v)]:
+                del owner.__dict__[key]
+        if hasattr(Init, "linear_bk"):  # ZeRO-3's memory-efficient linear, installed for the whole process
+            torch.nn.functional.linear = Init.linear_bk
     check_released(module)
+    return probes
 
 
-# what ZeRO-3 sets on a module: the original parameter dict and the "external parameter" registry
-ZERO3_MODULE_ATTRIBUTES = ("_original_parameters", "_external_params", "ds_external_parameters", "all_parameters")
+# what ZeRO-3 sets on a module besides ``ds_*`` attributes (deepspeed/runtime/zero/parameter_offload.py,
+# partition_parameters.py, utils/z3_leaf_module.py)
+ZERO3_MODULE_ATTRIBUTES = ("_original_parameters", "_external_params", "ds_external_parameters", "all_parameters",
+                           "pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt", "_z3_leaf")
+
+
+def _set_by_zero3(name: str, value: Any) -> bool:
+    return (name.startswith("ds_") or name in ZERO3_MODULE_ATTRIBUTES or _from_deepspeed(value)
+            or _from_deepspeed(type(value)))
 
 
 def _from_deepspeed(fn: Any) -> bool:
@@ -235,8 +271,9 @@ def check_released(module: nn.Module) -> None:
     problems = []
     if any(p is not None and hasattr(p, "ds_id") for m in module.modules() for p in m._parameters.values()):
         problems.append("partitioned parameters")
-    if any(attr in m.__dict__ for m in module.modules() for attr in ZERO3_MODULE_ATTRIBUTES):
-        problems.append("ZeRO-3 module attributes")
+    left = sorted({k for m in module.modules() for k, v in m.__dict__.items() if _set_by_zero3(k, v)})
+    if left:
+        problems.append(f"ZeRO-3 module attributes {left[:5]}")
     if any(m is module for m in parameter_offload.FWD_MODULE_STACK):
         problems.append("an entry in DeepSpeed's forward-module stack")
     hooks = [f"{name or 'top'}: {getattr(getattr(hook, 'func', hook), '__qualname__', hook)}"

@@ -140,3 +140,12 @@ def test_cli_run_end_to_end(tmp_path) -> None:
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
     assert (tmp_path / "runs" / "e2e" / "comparison.png").exists()
+    # the README's `continual-lora compare runs/<name>/*`: the glob also matches comparison.png
+    glob = sorted(str(p) for p in (tmp_path / "runs" / "e2e").iterdir())
+    compared = subprocess.run([sys.executable, "-m", "continual_lora.cli", "compare", *glob],
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    assert "| seq_lora |" in compared.stdout and "| lilora |" in compared.stdout
+    missing = subprocess.run([sys.executable, "-m", "continual_lora.cli", "compare", str(tmp_path)],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode != 0 and "not a run directory" in missing.stderr

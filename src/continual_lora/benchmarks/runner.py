@@ -258,9 +258,14 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
 
 
 def compare(run_dirs: list[str | Path], plot_path: str | Path | None = None) -> str:
-    """Markdown table (method x metric, mean ± std over runs with the same label) + a plot."""
+    """Markdown table (method x metric, mean ± std over runs with the same label) + a plot.
+
+    Plain files among ``run_dirs`` are skipped (``runs/x/*`` also matches the comparison plot a
+    previous run wrote there); a directory without results is an error."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     for d in run_dirs:
+        if Path(d).is_file():
+            continue
         res = load_results(d)
         if not res.get("finished"):
             raise ValueError(f"{d}: run is not finished")

@@ -39,7 +39,7 @@ from .seq_lora import SHARED, SeqLoRA
 @dataclass
 class EWCConfig(LoRAConfig):
     method = "ewc"
-    ewc_lambda: float = 1000.0  # lambda, weight of the quadratic penalty; scale-dependent (mtil-mini: 1e5, docs/results.md)
+    ewc_lambda: float = 1000.0  # weight of the quadratic penalty; scale-dependent (mtil-mini: 1e5, docs/results.md)
     gamma: float = 1.0  # online-EWC decay of the accumulated Fisher (1 = plain sum over tasks)
     fisher_batches: int = 8  # minibatches of the finished task that estimate its Fisher
     fisher_batch_size: int = 32  # samples per Fisher minibatch

@@ -120,7 +120,8 @@ def animals_name(max_train: int | None, max_test: int | None, seed: int, image_s
     return _domain_task("animals-name", "animals", image_size, max_train, max_test, seed,
                         lambda names, y, k, split, i: InstructSample(f"animals-{split}-{i}", ((prompt, names[y]),),
                                                                      image=k),
-                        scorer="answer_match", answer_format="short", meta={"source": "animal-mnist", "like": "ImageNet"})
+                        scorer="answer_match", answer_format="short",
+                        meta={"source": "animal-mnist", "like": "ImageNet"})
 
 
 _BUILDERS = {"digits-read": digits_read, "shapes-vqa": shapes_vqa, "textile-caption": textile_caption,

@@ -338,7 +338,8 @@ class Runtime:
             if zero_stage(self.deepspeed) == 3:
                 self.zero3_layout = zero3_layout(self._engine.module)
                 if self.zero3_layout["adapters_partitioned"]:  # methods read them outside their forward
-                    raise RuntimeError(f"ZeRO-3 partitioned adapter tensors {self.zero3_layout['adapters_partitioned'][:3]}")
+                    names = self.zero3_layout["adapters_partitioned"][:3]
+                    raise RuntimeError(f"ZeRO-3 partitioned adapter tensors {names}")
             return self._engine, optimizer
         if not self.distributed or not any(p.requires_grad for p in model.parameters()):
             return TrainStep(model, method, kind, autocast=self.autocast), optimizer  # (no training step: no DDP)

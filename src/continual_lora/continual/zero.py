@@ -166,7 +166,8 @@ def build_engine(step: nn.Module, optimizer: torch.optim.Optimizer, config: dict
         zero["stage3_param_persistence_threshold"] = max(keep_whole, given)
         config["zero_optimization"] = zero
     # DeepSpeed's own collectives call a torch API that warns on every call
-    warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]*_tensor` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]*_tensor` is deprecated",
+                            category=FutureWarning)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=step, optimizer=optimizer, config=config,
                                                       dist_init_required=False)
     return engine, ds_optimizer

@@ -26,7 +26,7 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.txt requirements-deepspeed.t
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/continual-lora run configs/demo.yaml
+	$(BIN)/continual-lora run --overwrite configs/demo.yaml  # the demo is re-runnable: it replaces runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -27,7 +27,7 @@ from .clip_task import (
     evaluate_accuracy,
     text_classifier,
 )
-from .distributed import gather_rows
+from .sharding import gather_rows
 
 
 class ClipClassification:
@@ -87,7 +87,7 @@ class ClipClassification:
     def gather_rows(x: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` from every rank when data-parallel (``x`` itself in one process): a method
         term that couples the samples of the training batch calls it on per-sample features, as
-        the contrastive loss does (see ``distributed.gather_rows``)."""
+        the contrastive loss does (see ``sharding.gather_rows``)."""
         return gather_rows(x)
 
     def text_features(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import gather_batch
+from .sharding import gather_batch
 
 IMAGE_MEAN = 0.5  # per-channel mean used by normalize_images (pretraining uses the same)
 IMAGE_STD = 0.5  # per-channel std used by normalize_images

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import gather_batch
 from .instruct_data import IMAGE_PLACEHOLDER, InstructSample, InstructTask
 from .scorers import FORMATS, SCORERS, instruction_following_rate
+from .sharding import gather_batch
 
 IGNORE_INDEX = -100
 DEFAULT_NEW_TOKENS = {"letter": 4, "short": 10, "sentence": 32}

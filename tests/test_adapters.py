@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLIP_TARGETS, adapt, clip_inputs, clip_out, llava_inputs, make_tiny_clip, randomize
+from conftest import (CLIP_TARGETS, adapt, clip_inputs, clip_out, llava_inputs, make_tiny_clip, module_types,
+                      randomize)
 from torch import nn
 
 from continual_lora.adapters import (
@@ -37,10 +38,6 @@ from continual_lora.adapters import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def module_types(model: nn.Module) -> dict[str, type]:
-    return {name: type(m) for name, m in model.named_modules()}
 
 
 # --- plain LoRA == peft LoRA ---------------------------------------------------------------
@@ -286,6 +283,7 @@ def test_half_precision_base_with_fp32_adapters():
     assert out.logits_per_image.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(p.grad is not None and p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
 
 @pytest.mark.parametrize("bad", [dict(rank=0), dict(rank=-2), dict(alpha=0.0), dict(alpha=-1.0)])
 def test_rank_and_alpha_must_be_positive(bad):

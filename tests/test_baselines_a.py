@@ -291,6 +291,23 @@ def test_moe_lora_mixture_equals_hand_computation_and_router_learns() -> None:
     assert wr.grad is not None and wr.grad.abs().sum() > 0
 
 
+def test_moe_lora_balance_statistics_are_recorded_once_under_gradient_checkpointing() -> None:
+    """A checkpointed block re-runs its forward inside backward; that re-run must not record a
+    second set of router statistics (the next step's balance term would average in a stale one)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = make_plain()
+    method = build_method("moe_lora", num_experts=3, expert_rank=2, alpha=2.0, lambda_balance=0.1, targets=("fc1",))
+    method.attach(model)
+    method.begin_task(model, "t1", 0)
+    model.train()
+    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    out = checkpoint(model.fc1, x, use_reentrant=False)
+    assert len(model.fc1.adapter.balance_terms) == 1
+    out.square().mean().backward()  # recomputes fc1's forward
+    assert len(model.fc1.adapter.balance_terms) == 1
+
+
 # --- every method through the trainer, with save / resume -------------------------------------------
 @pytest.mark.parametrize("name", sorted(ARGS))
 def test_trainer_smoke_and_resume_equivalence(clip_setup, tmp_path, name) -> None:

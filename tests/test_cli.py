@@ -79,7 +79,11 @@ def test_every_shipped_yaml_loads(path) -> None:
     if path.parent.name == "accelerate":  # launcher configs: `accelerate launch --config_file <path>`
         from accelerate.commands.config.config_args import ClusterConfig
 
-        assert ClusterConfig.from_yaml_file(str(path)).num_processes >= 1
+        cluster = ClusterConfig.from_yaml_file(str(path))
+        machines, processes = {"multi_gpu_8": (1, 8), "multi_node_64": (8, 64), "single_gpu": (1, 1),
+                               "zero2_8gpu": (1, 8), "zero3_8gpu": (1, 8), "zero3_64gpu": (8, 64)}[path.stem]
+        assert (cluster.num_machines, cluster.num_processes) == (machines, processes)
+        assert cluster.mixed_precision == "no"  # precision is train.precision
         return
     data = load_yaml(path)
     if "methods" in data or "benchmark" in data or "train" in data:

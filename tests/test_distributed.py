@@ -239,8 +239,8 @@ def test_instruction_tuning_loss_is_the_global_token_mean(one_thread) -> None:
 
 def test_precision_and_gradient_checkpointing_options_run_in_one_process(one_thread) -> None:
     """bf16 / fp16 autocast (fp16 with a loss scaler) train; gradient checkpointing recomputes the
-    same function, and although it re-runs the Rank-1 pool's routing in backward (counting each
-    vote twice), the ranking and so the merged sets S are unchanged."""
+    same function; it re-runs the Rank-1 pool's routing in backward, but votes cast there are not
+    counted, so the counts and the merged sets S are unchanged."""
     from distributed_worker import TASKS, TRAIN, trainer
 
     from continual_lora.methods.rank1_pool import export_records

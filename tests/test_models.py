@@ -67,7 +67,8 @@ def test_hf_source_loads_local_files_and_folds_the_pixel_normalisation(hf_dir) -
     expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
     with torch.no_grad():
         torch.testing.assert_close(encode_images(model, images), expected.detach(), rtol=1e-4, atol=1e-5)
-    assert torch.equal(normalize_images(torch.ones(1)), torch.ones(1))  # the benchmark's convention: 0.5 / 0.5
+    x = torch.tensor([0.0, 0.5, 1.0])  # the benchmark's convention: (x - 0.5) / 0.5
+    assert torch.equal(normalize_images(x), torch.tensor([-1.0, 0.0, 1.0]))
 
 
 def test_zscl_random_sentences_work_with_a_transformers_tokenizer(hf_dir) -> None:

@@ -28,6 +28,12 @@ from torch import nn
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed block recomputing its forward):
+    branches that record statistics in forward (votes, balance terms) must not record them twice."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class UnknownTaskError(KeyError):
     """Raised when a task id is not (yet) known to an adapter."""
 

@@ -28,8 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,14 +232,13 @@ def load_llava_mini(cfg: LlavaMiniConfig = LlavaMiniConfig(), clip_cfg: Pretrain
     if not path.exists():
         start = time.perf_counter()
         losses = align_projector(model, tokenizer, cfg, clip_cfg.image_size, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}, tmp)
-        (path.parent / "align.json").write_text(json.dumps(
-            {"config": asdict(cfg), "seconds": round(time.perf_counter() - start, 1),
-             "loss_first10": losses[:10], "loss_last10": losses[-10:]}, indent=1))
-        os.replace(tmp, path)
+        shutil.rmtree(path.parent, ignore_errors=True)  # a folder without the projector is incomplete
+        with atomic_cache_dir(path.parent) as tmp:  # projector and its record appear together
+            save_file({k: v.contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()},
+                      str(tmp / path.name))
+            (tmp / "align.json").write_text(json.dumps(
+                {"config": asdict(cfg), "seconds": round(time.perf_counter() - start, 1),
+                 "loss_first10": losses[:10], "loss_last10": losses[-10:]}, indent=1))
     model.model.multi_modal_projector.load_state_dict(load_file(str(path)))
     for p in model.parameters():
         p.requires_grad_(False)

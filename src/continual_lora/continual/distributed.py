@@ -239,8 +239,8 @@ class Runtime:
         Call :meth:`finish` when the task's training ends.
         """
         gather_group = dist.group.WORLD if self.distributed else None
+        step = TrainStep(model, method, kind, gather_group=gather_group, autocast=self.autocast)
         if self.deepspeed is not None and optimizer is not None:
-            step = TrainStep(model, method, kind, gather_group=gather_group, autocast=self.autocast)
             if zero_stage(self.deepspeed) == 3:
                 set_leaf_modules(model, (AdaptedMultiheadAttention,))
             self._engine, optimizer = build_engine(step, optimizer, self.deepspeed)
@@ -251,8 +251,7 @@ class Runtime:
                     raise RuntimeError(f"ZeRO-3 partitioned adapter tensors {names}")
             return self._engine, optimizer
         if not self.distributed or not any(p.requires_grad for p in model.parameters()):
-            return TrainStep(model, method, kind, autocast=self.autocast), optimizer  # (no training step: no DDP)
-        step = TrainStep(model, method, kind, gather_group=gather_group, autocast=self.autocast)
+            return step, optimizer  # (a task with no training step needs no DDP)
         # Replicas start identical by construction (same seeds, same checkpoint), so DDP does not
         # re-broadcast them (init_sync=False); check_replicas verifies it instead.
         device_ids = [self.local_rank] if self.device.startswith("cuda") else None
@@ -374,11 +373,8 @@ class Runtime:
     # --- evaluation ----------------------------------------------------------------------------
     def evaluate(self, kind: Any, model: nn.Module, task: Any, xtail: bool = False) -> float:
         """The kind's score of ``task``; distributed: each rank scores a shard, sums are all-reduced."""
-        if not self.distributed:
-            with self.autocast():
-                return float(kind.evaluate(model, task, xtail=xtail))
-        shard = shard_test_set(task, self.rank, self.world_size)
-        if shard is None:  # unknown task layout: every rank scores the whole task (same result)
+        shard = shard_test_set(task, self.rank, self.world_size) if self.distributed else None
+        if shard is None:  # one process, or a task layout with no shards: every rank scores it whole
             with self.autocast():
                 return float(kind.evaluate(model, task, xtail=xtail))
         n = len(shard.test_labels)

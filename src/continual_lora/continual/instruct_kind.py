@@ -72,7 +72,9 @@ class InstructionTuning:
         if self.pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
         self.log: list[dict[str, Any]] = []  # one entry per evaluate() call
-        self._cache: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}  # encode() results
+        # encode() of evaluation prompts, scored again after every task; training samples are not kept
+        # (a CVIT epoch sees each once, and with image tokens expanded they would fill host memory)
+        self._prompts: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> "InstructionTuning":
@@ -97,9 +99,9 @@ class InstructionTuning:
 
     def encode(self, sample: InstructSample, with_answer: bool = True) -> tuple[list[int], list[int]]:
         """(input ids, labels) of ``sample``; without the answer: the prompt of its last turn."""
-        key = (sample.id, sample.turns, with_answer)
-        if key in self._cache:
-            return self._cache[key]
+        key = (sample.id, sample.turns)
+        if not with_answer and key in self._prompts:
+            return self._prompts[key]
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         ids: list[int] = []
         labels: list[int] = []
@@ -132,7 +134,8 @@ class InstructionTuning:
             if self.image_token_id in ids[self.max_length:]:
                 raise ValueError(f"sample {sample.id}: max_length {self.max_length} would cut its image tokens")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        self._cache[key] = (ids, labels)
+        if not with_answer:
+            self._prompts[key] = (ids, labels)
         return ids, labels
 
     def _pixels(self, task: InstructTask, samples: Sequence[InstructSample]) -> torch.Tensor:

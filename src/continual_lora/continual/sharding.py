@@ -43,14 +43,6 @@ class _GatherRows(torch.autograd.Function):
         return grad[start : start + ctx.rows], None
 
 
-def _gather(x: torch.Tensor, group: Any) -> torch.Tensor:
-    if not x.requires_grad:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-    return _GatherRows.apply(x, group)
-
-
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` from every rank, in rank order, while a distributed training forward runs.
 
@@ -60,7 +52,7 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
     returns ``x`` unchanged.
     """
     group = _GATHER_GROUP.get()
-    return x if group is None else _gather(x, group)
+    return x if group is None else _GatherRows.apply(x, group)
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +63,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     :func:`gather_batch` does for the kind's loss. Every rank must call it the same number of times.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _gather(x, dist.group.WORLD)
+        return _GatherRows.apply(x, dist.group.WORLD)
     return x
 
 

@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from ..adapters import LoRABranch, LoRAConfig, register_adapter
-from ..adapters.inject import branches
-from .base import register_method
+from .base import register_method, typed_branches
 from .seq_lora import SHARED, SeqLoRA
 
 
@@ -85,10 +84,7 @@ class EWCBranch(LoRABranch):
 
 
 def _ewc_branches(model: nn.Module) -> list[EWCBranch]:
-    found = list(branches(model).values())
-    if not found or not all(isinstance(b, EWCBranch) for b in found):
-        raise ValueError("model has no EWC adapters; call EWC(...).attach(model) first")
-    return found
+    return list(typed_branches(model, EWCBranch).values())
 
 
 @register_method

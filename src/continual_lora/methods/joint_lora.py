@@ -31,8 +31,8 @@ from torch import nn
 
 from ..adapters import LoRAConfig, add_task, register_adapter, set_task
 from .base import Method, register_method
+from .seq_lora import SHARED
 
-SHARED = "shared"
 BUDGETS = ("steps", "samples")
 
 
@@ -87,8 +87,7 @@ class JointLoRA(Method):
             add_task(model, SHARED)
         set_task(model, SHARED)
         for branch in found.values():  # trainable at index 0 only (reported as 0 trainable later)
-            branch.lora_A[SHARED].requires_grad_(index == 0)
-            branch.lora_B[SHARED].requires_grad_(index == 0)
+            branch.freeze_task(SHARED, frozen=index != 0)
 
     def loss_terms(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         ctx = self.context

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import AdapterBranch, AdapterConfig, ParamCount, add_task, register_adapter, set_task
-from ..adapters.base import check_task_name
+from ..adapters.base import check_task_name, in_backward
 from .base import Method, register_method, typed_branches
+from .seq_lora import SHARED
 
-SHARED = "shared"
 ROUTINGS = ("token", "sample")
 
 
@@ -122,7 +122,9 @@ class MoELoRABranch(AdapterBranch):
             x = x.mean(self.seq_dim, keepdim=True)
         logits = F.linear(x.to(w.dtype), w)  # (..., E)
         if self.training and self.track_balance and torch.is_grad_enabled():
-            self.balance_terms.append(self.balance(logits))
+            term = self.balance(logits)  # also while checkpointing recomputes: the same tensors get saved
+            if not in_backward():  # ... but the recomputation's copy is not a second statistic
+                self.balance_terms.append(term)
         if self.top_k < self.num_experts:
             top = logits.topk(self.top_k, dim=-1).indices  # (..., k)
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)

@@ -56,10 +56,10 @@ from ..adapters import (
     sites,
     unload,
 )
-from ..adapters.base import check_task_name
+from ..adapters.base import check_task_name, in_backward
 from ..adapters.inject import CONFIG_ATTR, branches
 from ..adapters.io import WEIGHTS_NAME
-from .base import Method, register_method
+from .base import Method, register_method, typed_branches
 
 
 @register_adapter
@@ -103,11 +103,6 @@ class Rank1PoolConfig(AdapterConfig):
 
     def build_branch(self, in_features: int, out_features: int) -> "Rank1PoolBranch":
         return Rank1PoolBranch(in_features, out_features, self)
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. a checkpointed block recomputing its forward)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def _ranked(t: torch.Tensor) -> torch.Tensor:
@@ -188,7 +183,7 @@ class Rank1PoolBranch(AdapterBranch):
             mask = self.forced_mask.to(self.lora_A.device)
         else:
             mask, probs, votes = self.route(x)
-            if self.training and not _in_backward():
+            if self.training and not in_backward():
                 self.counts += votes  # gradient checkpointing re-runs forward in backward: count once
             if self.router_mode == "learned":
                 gate = probs.index_select(1, mask).mean(0)  # (R,) batch-mean probability of each chosen expert
@@ -283,10 +278,7 @@ def forcing_merge_mask(model: nn.Module) -> Iterator[None]:
 
 
 def _pool(model: nn.Module) -> list[Rank1PoolBranch]:
-    found = list(branches(model).values())
-    if not found or not all(isinstance(b, Rank1PoolBranch) for b in found):
-        raise ValueError("model has no rank1_pool adapters; call Rank1Pool(...).attach(model) first")
-    return found
+    return list(typed_branches(model, Rank1PoolBranch).values())
 
 
 @register_method

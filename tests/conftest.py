@@ -1,5 +1,7 @@
 """Shared tiny models for the tests: a tiny transformers CLIP, a tiny LLaVA and a plain module;
-plus the adapter helpers the test_adapter*.py files share (random nonzero factors, outputs).
+the adapter helpers the test_adapter*.py files share (random nonzero factors, outputs); and the
+continual-trainer fixtures: a synthetic three-task CLIP stream, one run / stop / resume helper and
+the table of tiny settings for every registered method.
 
 Every builder is seeded, so two calls give bit-identical weights ("a freshly built base
 model"), and returns the model in eval mode. All run on CPU in milliseconds.
@@ -7,7 +9,11 @@ model"), and returns the model in eval mode. All run on CPU in milliseconds.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub lookup retries for ~46 s
 
@@ -24,23 +30,38 @@ from transformers import (
 )
 
 from continual_lora.adapters import LoRAConfig, add_task, branches, inject_adapters
+from continual_lora.continual import ContinualTrainer, RunState, TrainConfig
+from continual_lora.contract import TaskKind
+from continual_lora.kinds.clip import ClipClassification, ImageTask
+from continual_lora.methods import Method
+from continual_lora.models.word_tokenizer import WordTokenizer
 
 CLIP_VOCAB = 64
 CLIP_EOS = CLIP_VOCAB - 1  # pooled text feature = hidden state at the first EOS token
+CLIP_SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": CLIP_EOS, "pad_token_id": 0}
 LLAVA_VOCAB = 128
 LLAVA_IMAGE_TOKEN = LLAVA_VOCAB - 1
 LLAVA_IMAGE_TOKENS = (16 // 8) ** 2  # "default" feature strategy: (image / patch)^2 tokens
 
 
-def make_tiny_clip(seed: int = 0, hidden: int = 32) -> CLIPModel:
-    """transformers CLIP: both towers 2 x ``hidden``, 4 heads, MLP 2 x hidden, 16 px, patch 8."""
-    tower = dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden)
-    config = CLIPConfig(
-        text_config=dict(tower, vocab_size=CLIP_VOCAB, max_position_embeddings=16,
-                         bos_token_id=1, eos_token_id=CLIP_EOS, pad_token_id=0),
-        vision_config=dict(tower, image_size=16, patch_size=8),
-        projection_dim=16,
-    )
+def make_tiny_clip(seed: int = 0, hidden: int = 32, *, tokenizer: WordTokenizer | None = None,
+                   special_ids: dict[str, int] | None = None, **tower: Any) -> CLIPModel:
+    """transformers CLIP: both towers 2 x ``hidden``, 4 heads, MLP 2 x hidden, 16 px, patch 8; projection 16.
+
+    The text tower takes its vocabulary size, context length and special-token ids from
+    ``tokenizer`` (else CLIP_VOCAB tokens, 16 positions, CLIP_SPECIAL_IDS); ``special_ids``
+    replaces those ids ({}: transformers' defaults). ``tower``: more settings for both towers'
+    configs (e.g. ``num_attention_heads=2``, ``intermediate_size=37``).
+    """
+    tower = dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden) | tower
+    if tokenizer is None:
+        text = dict(vocab_size=CLIP_VOCAB, max_position_embeddings=16)
+        ids = CLIP_SPECIAL_IDS if special_ids is None else special_ids
+    else:
+        text = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=tokenizer.context_length)
+        ids = tokenizer.special_ids() if special_ids is None else special_ids
+    config = CLIPConfig(text_config=dict(tower, **text, **ids), vision_config=dict(tower, image_size=16, patch_size=8),
+                        projection_dim=16)
     torch.manual_seed(seed)
     return CLIPModel(config).eval()
 
@@ -136,3 +157,97 @@ def clip_out(model: nn.Module, inputs=None) -> torch.Tensor:
 
 def module_types(model: nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
+
+
+# --- the continual trainer on a synthetic CLIP stream (test_trainer.py, test_baselines_*.py) -------
+def make_task(name: str, classes: tuple[str, ...], seed: int) -> ImageTask:
+    """Each class is a fixed random 16x16 pattern plus noise: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(len(classes), 3, 16, 16, generator=g)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % len(classes)
+        x = (protos[y] + 0.15 * torch.randn(n, 3, 16, 16, generator=g)).clamp(0, 1)
+        return x, y
+
+    (xtr, ytr), (xte, yte) = draw(24), draw(30)
+    return ImageTask(name, classes, ("a photo of a {}.", "an image of a {}."), xtr, ytr, xte, yte)
+
+
+TASKS = [
+    make_task("alpha", ("red", "green", "blue"), 1),
+    make_task("beta", ("cat", "dog", "cow"), 2),
+    make_task("gamma", ("one", "two", "red"), 3),  # "red" also in alpha: x-tail merges the name
+]
+TRAIN = TrainConfig(iterations=6, batch_size=8, lr=5e-3, progress=False)
+
+# tiny settings for every registered method (tests/test_trainer.py checks that none is missing)
+STREAM_TARGETS = ("q_proj", "v_proj", "fc1")
+LORA = dict(rank=4, alpha=8.0, targets=STREAM_TARGETS)
+METHOD_ARGS: dict[str, dict[str, Any]] = {
+    "ewc": dict(LORA, ewc_lambda=50.0, fisher_batches=2, fisher_batch_size=6),
+    "joint_lora": dict(rank=2, alpha=4.0, targets=STREAM_TARGETS),
+    "lilora": dict(rank=4, alpha=8.0, inner_rank=2, dropout=0.0, targets=STREAM_TARGETS),
+    "lwf_vr": dict(LORA),
+    "moe_lora": dict(num_experts=3, expert_rank=2, alpha=4.0, top_k=2, lambda_balance=0.01, targets=STREAM_TARGETS),
+    "o_lora": dict(rank=2, alpha=4.0, lambda_l2=0.01, targets=STREAM_TARGETS),
+    "per_task_lora": dict(rank=2, alpha=4.0, targets=STREAM_TARGETS),
+    "rank1_pool": dict(rank=6, top_r=4, alpha=16.0, dropout=0.0, targets=STREAM_TARGETS),
+    "replay": dict(LORA, samples_per_task=4, replay_batch_size=4),
+    "sd_lora": dict(rank=2, alpha=4.0, targets=STREAM_TARGETS),
+    "seq_lora": dict(rank=4, targets=STREAM_TARGETS),
+    "wise_ft": dict(LORA, wise_alpha=0.5),
+    "zero_shot": {},
+    "zscl": dict(LORA, num_reference_images=16, reference_batch_size=6, num_random_texts=8, weight_ensemble_every=1,
+                 l2_lambda=1.0),
+}
+
+
+def stream_tokenizer() -> WordTokenizer:
+    """A word tokenizer over every prompt of TASKS (context length 16)."""
+    texts = [t.format(c) for task in TASKS for c in task.class_names for t in task.templates]
+    return WordTokenizer.from_texts(texts, context_length=16)
+
+
+@pytest.fixture(scope="module")
+def clip_stream() -> tuple[ClipClassification, CLIPModel]:
+    """(the CLIP kind of TASKS, a tiny CLIP over its tokenizer's vocabulary: the trainer runs' base model).
+    The kind holds no state of a run, so runs can share it."""
+    tokenizer = stream_tokenizer()
+    return ClipClassification(tokenizer, TASKS), make_tiny_clip(tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """These models are tiny: one intra-op thread avoids OpenMP spin-waits on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def continual_trainer(base: nn.Module, method: Method, kind: TaskKind, tasks: Sequence[Any], train: TrainConfig, *,
+                      tmp: str | Path | None = None, stop_after: int | None = None,
+                      on_end: Callable[[RunState], None] | None = None, xtail: bool = False) -> ContinualTrainer:
+    """A trainer on a deep copy of ``base``, checkpointing to ``tmp``. After each task's checkpoint it
+    calls ``on_end(state)``, then raises KeyboardInterrupt once ``stop_after`` tasks are done."""
+
+    def end(state: RunState) -> None:
+        if on_end is not None:
+            on_end(state)
+        if stop_after is not None and state.completed == stop_after:
+            raise KeyboardInterrupt  # a run killed right after a checkpoint
+
+    return ContinualTrainer(copy.deepcopy(base), method, kind, tasks, train, checkpoint_dir=tmp, xtail=xtail,
+                            on_task_end=end)
+
+
+def run_stream(base: nn.Module, method: Method, kind: TaskKind, tasks: Sequence[Any], train: TrainConfig, *,
+               tmp: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
+               on_end: Callable[[RunState], None] | None = None,
+               xtail: bool = False) -> tuple[RunState, ContinualTrainer]:
+    """Run a :func:`continual_trainer` to its end (or its stop), from the checkpoint in ``tmp`` if
+    ``resume``; returns (the final state, the trainer)."""
+    trainer = continual_trainer(base, method, kind, tasks, train, tmp=tmp, stop_after=stop_after, on_end=on_end,
+                                xtail=xtail)
+    return trainer.run(resume=resume), trainer

@@ -1,4 +1,4 @@
-"""A torchrun worker for tests/test_distributed.py: the synthetic stream of tests/test_engine.py
+"""A torchrun worker for tests/test_distributed.py: the synthetic stream of tests/conftest.py
 through the trainer's API: stopped right after the first task's checkpoint, then resumed from it
 by fresh models and methods. Rank 0 prints the accuracy matrix as JSON."""
 
@@ -10,29 +10,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_engine import METHOD_ARGS, TASKS, tiny_clip  # noqa: E402
+from conftest import (  # noqa: E402
+    METHOD_ARGS,
+    TASKS,
+    TRAIN,
+    continual_trainer,
+    make_tiny_clip,
+    stream_tokenizer,
+)
 
-from continual_lora.continual.clip_kind import ClipClassification  # noqa: E402
-from continual_lora.continual.clip_task import WordTokenizer  # noqa: E402
-from continual_lora.continual.distributed import process_rank  # noqa: E402
-from continual_lora.continual.engine import ContinualTrainer, TrainConfig  # noqa: E402
+from continual_lora.continual import ContinualTrainer, TrainConfig  # noqa: E402
+from continual_lora.kinds.clip import ClipClassification  # noqa: E402
 from continual_lora.methods import build_method  # noqa: E402
-
-TRAIN = TrainConfig(iterations=6, batch_size=8, lr=5e-3, progress=False)
+from continual_lora.runtime import process_rank  # noqa: E402
 
 
 def trainer(checkpoint_dir: str | None, method: str, stop_after: int | None = None,
             train: TrainConfig = TRAIN) -> ContinualTrainer:
-    texts = [t.format(c) for task in TASKS for c in task.class_names for t in task.templates]
-    tokenizer = WordTokenizer.from_texts(texts, context_length=16)
-
-    def stop(state) -> None:
-        if stop_after is not None and state.completed == stop_after:
-            raise KeyboardInterrupt  # every rank stops at the same boundary, after the checkpoint
-
-    return ContinualTrainer(tiny_clip(tokenizer), build_method(method, **METHOD_ARGS[method]),
-                            ClipClassification(tokenizer, TASKS), TASKS, train, checkpoint_dir=checkpoint_dir,
-                            on_task_end=stop)
+    """A fresh trainer of ``method`` on the stream (every rank stops at the same boundary, after the
+    checkpoint)."""
+    tokenizer = stream_tokenizer()
+    return continual_trainer(make_tiny_clip(tokenizer=tokenizer), build_method(method, **METHOD_ARGS[method]),
+                             ClipClassification(tokenizer, TASKS), TASKS, train, tmp=checkpoint_dir,
+                             stop_after=stop_after)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_tiny_llava  # noqa: E402
 from test_instruct import color_images, tiny_tokenizer  # noqa: E402
 
-from continual_lora.benchmarks.llava_mini import LLAVA_TARGETS  # noqa: E402
-from continual_lora.continual.distributed import process_rank  # noqa: E402
-from continual_lora.continual.engine import ContinualTrainer, RunState, TrainConfig  # noqa: E402
-from continual_lora.continual.instruct_data import InstructSample, InstructTask  # noqa: E402
-from continual_lora.continual.instruct_kind import InstructionTuning  # noqa: E402
+from continual_lora.models.llava_mini import LLAVA_TARGETS  # noqa: E402
+from continual_lora.runtime import process_rank  # noqa: E402
+from continual_lora.continual import ContinualTrainer, RunState, TrainConfig  # noqa: E402
+from continual_lora.kinds.instruct_data import InstructSample, InstructTask  # noqa: E402
+from continual_lora.kinds.instruct import InstructionTuning  # noqa: E402
 from continual_lora.methods import build_method  # noqa: E402
 
 ANSWERS = ("red", "it is green", "the color is blue .")  # 1, 3 and 5 words

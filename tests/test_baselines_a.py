@@ -1,55 +1,31 @@
 """Six baselines: zero_shot, per_task_lora, joint_lora, o_lora, sd_lora, moe_lora.
 
 One test per method checks its defining mechanism on a tiny model (hand computations, fixed
-seeds); a parametrized smoke test runs each through ContinualTrainer on the synthetic stream of
-test_engine.py and checks that a run resumed from its checkpoint gives the same matrix.
+seeds); tests/test_trainer.py runs each through ContinualTrainer on the synthetic stream of
+conftest.py and checks that a run resumed from its checkpoint gives the same matrix.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_plain
-from test_engine import TASKS, tiny_clip
+from conftest import METHOD_ARGS, TASKS, TRAIN, make_plain, run_stream
 
 from continual_lora.adapters import branches, parameter_counts
-from continual_lora.benchmarks.runner import RunConfig, results_dict
-from continual_lora.continual.clip_kind import ClipClassification
-from continual_lora.continual.clip_task import WordTokenizer
-from continual_lora.continual.engine import ContinualTrainer, TaskContext, TrainConfig
+from continual_lora.app.runner import RunConfig, results_dict
+from continual_lora.contract import TaskContext
+from continual_lora.kinds.clip import ClipClassification
 from continual_lora.methods import build_method
 from continual_lora.methods.sd_lora import frobenius
 
-TARGETS = ("q_proj", "v_proj", "fc1")
-ARGS = {
-    "zero_shot": {},
-    "per_task_lora": dict(rank=2, alpha=4.0, targets=TARGETS),
-    "joint_lora": dict(rank=2, alpha=4.0, targets=TARGETS),
-    "o_lora": dict(rank=2, alpha=4.0, lambda_l2=0.01, targets=TARGETS),
-    "sd_lora": dict(rank=2, alpha=4.0, targets=TARGETS),
-    "moe_lora": dict(num_experts=3, expert_rank=2, alpha=4.0, top_k=2, lambda_balance=0.01, targets=TARGETS),
-}
 PLAIN = ("fc1", "fc2")  # adapted layers of conftest's PlainNet (10 -> 20 -> 5 -> 3)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread avoids OpenMP spin-waits on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def clip_setup():
-    texts = [t.format(c) for task in TASKS for c in task.class_names for t in task.templates]
-    tokenizer = WordTokenizer.from_texts(texts, context_length=16)
-    return tokenizer, tiny_clip(tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CountingKind(ClipClassification):
@@ -62,21 +38,6 @@ class CountingKind(ClipClassification):
     def train_batch(self, task, indices, generator):
         self.drawn[task.name] += 1
         return super().train_batch(task, indices, generator)
-
-
-def run_stream(setup, method, tasks, iterations=2, tmp=None, resume=False, stop_after=None, on_end=None):
-    tokenizer, base = setup
-    kind = CountingKind(tokenizer, tasks)
-
-    def end(state):
-        if on_end is not None:
-            on_end(state, kind)
-        if stop_after is not None and state.completed == stop_after:
-            raise KeyboardInterrupt  # killed right after a checkpoint
-
-    cfg = TrainConfig(iterations=iterations, batch_size=8, lr=5e-3, progress=False)
-    trainer = ContinualTrainer(copy.deepcopy(base), method, kind, tasks, cfg, checkpoint_dir=tmp, on_task_end=end)
-    return trainer.run(resume=resume), trainer
 
 
 def plain_forward(base, x, deltas):
@@ -104,9 +65,10 @@ def train_plain(model, method, task, index, x, steps=3, end=True):
 
 
 # --- one test per method: its defining mechanism ---------------------------------------------------
-def test_zero_shot_rows_equal_the_zero_shot_row_and_results_work(clip_setup) -> None:
+def test_zero_shot_rows_equal_the_zero_shot_row_and_results_work(clip_stream) -> None:
+    kind, base = clip_stream
     method = build_method("zero_shot")
-    state, trainer = run_stream(clip_setup, method, TASKS)
+    state, trainer = run_stream(base, method, CountingKind(kind.tokenizer, TASKS), TASKS, TRAIN)
     assert state.finished and all(row == state.zero_shot for row in state.matrix)
     assert state.trainable_params == [0, 0, 0] and state.train_losses == [None, None, None]
     assert branches(trainer.model) == {} and sum(trainer.kind.drawn.values()) == 0
@@ -141,26 +103,25 @@ def test_per_task_lora_freezes_earlier_tasks_and_evaluates_with_the_tasks_adapte
             assert torch.equal(model(x), base(x))
 
 
-def test_joint_lora_trains_once_on_every_task(clip_setup) -> None:
-    method = build_method("joint_lora", **ARGS["joint_lora"])
+def test_joint_lora_trains_once_on_every_task(clip_stream) -> None:
+    kind, base = clip_stream
+    method = build_method("joint_lora", **METHOD_ARGS["joint_lora"])
+    counting = CountingKind(kind.tokenizer, TASKS)
     snapshots = []
-    state, trainer = run_stream(clip_setup, method, TASKS, iterations=1,
-                                on_end=lambda s, kind: snapshots.append(dict(kind.drawn)))
+    state, trainer = run_stream(base, method, counting, TASKS, dataclasses.replace(TRAIN, iterations=1),
+                                on_end=lambda s: snapshots.append(dict(counting.drawn)))
     # index 0: 3 steps (the sum of the per-task budgets), each with a batch of every task; then nothing
     assert snapshots == [{"alpha": 3, "beta": 3, "gamma": 3}] * 3
     assert state.matrix[1] == state.matrix[0] and state.matrix[2] == state.matrix[0]
     assert state.trainable_params[0] > 0 and state.trainable_params[1:] == [0, 0]
     assert state.train_losses[0] is not None and state.train_losses[1:] == [None, None]
     # the budget options, through a context alone
-    kind = ClipClassification(clip_setup[0], TASKS)
-    ctx = TaskContext(TASKS[0], 0, TASKS, kind, torch.Generator(), train=TrainConfig(iterations=5))
-    method.set_context(ctx)
-    assert method.train_steps(0, 5) == 15 and method.train_steps(1, 5) == 0
+    ctx = TaskContext(TASKS[0], 0, TASKS, kind, torch.Generator(), task_steps=(5, 5, 5))
+    assert method.train_steps(0, 5, ctx) == 15 and method.train_steps(1, 5, ctx) == 0
     samples = build_method("joint_lora", budget="samples")
-    samples.set_context(ctx)
-    assert samples.train_steps(0, 5) == 5
-    samples.begin_task(trainer.model, "alpha", 0)
-    terms = samples.loss_terms(trainer.model, None)
+    assert samples.train_steps(0, 5, ctx) == 5
+    samples.begin_task(trainer.model, "alpha", 0, ctx)
+    terms = samples.loss_terms(trainer.model, None, ctx)
     assert sorted(terms) == ["joint/beta", "joint/gamma"] and all(t.requires_grad for t in terms.values())
 
 
@@ -306,26 +267,3 @@ def test_moe_lora_balance_statistics_are_recorded_once_under_gradient_checkpoint
     assert len(model.fc1.adapter.balance_terms) == 1
     out.square().mean().backward()  # recomputes fc1's forward
     assert len(model.fc1.adapter.balance_terms) == 1
-
-
-# --- every method through the trainer, with save / resume -------------------------------------------
-@pytest.mark.parametrize("name", sorted(ARGS))
-def test_trainer_smoke_and_resume_equivalence(clip_setup, tmp_path, name) -> None:
-    tasks = TASKS
-    full, trainer = run_stream(clip_setup, build_method(name, **ARGS[name]), tasks, iterations=3)
-    assert full.finished and len(full.matrix) == 3
-    if name == "zero_shot":
-        assert full.matrix == [full.zero_shot] * 3
-    else:
-        assert full.trainable_params[0] > 0 and full.train_losses[0] is not None
-        ups = [v for b in branches(trainer.model).values() for k, v in b.state_dict().items() if "_B." in k]
-        assert ups and any(v.abs().sum() > 0 for v in ups)  # the up-projections (zero at init) trained
-    with pytest.raises(KeyboardInterrupt):
-        run_stream(clip_setup, build_method(name, **ARGS[name]), tasks, iterations=3, tmp=tmp_path, stop_after=2)
-    resumed, again = run_stream(clip_setup, build_method(name, **ARGS[name]), tasks, iterations=3, tmp=tmp_path,
-                                resume=True)
-    assert resumed.matrix == full.matrix and resumed.zero_shot == full.zero_shot
-    assert again.method.trained_tasks == [t.name for t in tasks]
-    final = {f"{n}.{k}": v for n, b in branches(trainer.model).items() for k, v in b.state_dict().items()}
-    loaded = {f"{n}.{k}": v for n, b in branches(again.model).items() for k, v in b.state_dict().items()}
-    assert final.keys() == loaded.keys() and all(torch.equal(final[k], loaded[k]) for k in final)

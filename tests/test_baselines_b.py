@@ -1,5 +1,6 @@
-"""EWC, LwF-VR, WiSE-FT, ZSCL and replay: each one's defining mechanism on a tiny CLIP, then each
-through the trainer on the synthetic stream of test_engine with save + resume equivalence."""
+"""EWC, LwF-VR, WiSE-FT, ZSCL and replay: each one's defining mechanism on a tiny CLIP over the
+synthetic stream of conftest.py (tests/test_trainer.py runs each through the trainer with save +
+resume equivalence)."""
 
 from __future__ import annotations
 
@@ -7,45 +8,41 @@ import copy
 
 import pytest
 import torch
-from test_engine import TASKS
-from test_engine import tiny_clip as build_tiny_clip
+from conftest import LORA, TASKS
+from torch import nn
 
 from continual_lora.adapters import delta_weights
-from continual_lora.continual.clip_kind import ClipClassification
-from continual_lora.continual.clip_task import WordTokenizer
-from continual_lora.continual.engine import ContinualTrainer, TaskContext, TrainConfig
-from continual_lora.methods import EWC, ZSCL, LwFVR, Replay, WiSEFT, build_method
+from continual_lora.contract import TaskContext
+from continual_lora.kinds.clip import ClipClassification
+from continual_lora.methods import EWC, ZSCL, LwFVR, Method, Replay, WiSEFT
 from continual_lora.methods.ewc import EWCConfig, _ewc_branches
 from continual_lora.methods.lwf_vr import LwFVRConfig
 from continual_lora.methods.replay import ReplayConfig
-from continual_lora.methods.wise_ft import WiSEFTConfig, shared_factors
+from continual_lora.methods.shared import shared_factors
+from continual_lora.methods.wise_ft import WiSEFTConfig
 from continual_lora.methods.zscl import ZSCLConfig
 
-LORA = dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "fc1"))
-
-
-@pytest.fixture(scope="module")
-def setup():
-    texts = [t.format(c) for task in TASKS for c in task.class_names for t in task.templates]
-    tokenizer = WordTokenizer.from_texts(texts, context_length=16)
-    return ClipClassification(tokenizer, TASKS), build_tiny_clip(tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def context(kind: ClipClassification, index: int, seed: int = 0) -> TaskContext:
     return TaskContext(TASKS[index], index, TASKS, kind, torch.Generator().manual_seed(seed))
 
 
-def start(method, setup, index: int = 0):
-    """A fresh adapted copy of the base model with ``method`` at the start of task 0 (then ``index``)."""
-    kind, base = setup
+def start(method: Method, stream: tuple[ClipClassification, nn.Module],
+          index: int = 0) -> tuple[nn.Module, TaskContext]:
+    """A fresh adapted copy of the base model of ``stream`` (the ``clip_stream`` fixture) with ``method``
+    at the start of task 0 (then ``index``), and the task context of task ``index``."""
+    kind, base = stream
     model = copy.deepcopy(base)
     method.attach(model)
+    ctx = None
     for i in range(index + 1):
         if i:
-            method.end_task(model, TASKS[i - 1].name, i - 1)
-        method.set_context(context(kind, i))
-        method.begin_task(model, TASKS[i].name, i)
-    return model
+            method.end_task(model, TASKS[i - 1].name, i - 1, ctx)
+        ctx = context(kind, i)
+        method.begin_task(model, TASKS[i].name, i, ctx)
+    return model, ctx
 
 
 @torch.no_grad()
@@ -62,12 +59,12 @@ def features(model, kind: ClipClassification) -> tuple[torch.Tensor, torch.Tenso
 
 
 # --- EWC ------------------------------------------------------------------------------------
-def test_ewc_penalty_zero_at_anchor_gradient_is_lambda_f_delta(setup) -> None:
+def test_ewc_penalty_zero_at_anchor_gradient_is_lambda_f_delta(clip_stream) -> None:
     method = EWC(EWCConfig(**LORA, ewc_lambda=7.0, fisher_batches=2, fisher_batch_size=6))
-    model = start(method, setup)
+    model, ctx = start(method, clip_stream)
     assert method.loss_terms(model) == {}  # no penalty before the first task ends
     randomise_b(model)  # "trained" factors: A and B both get gradients
-    method.end_task(model, "alpha", 0)
+    method.end_task(model, "alpha", 0, ctx)
     branch = _ewc_branches(model)[0]
     assert branch.fisher_A.gt(0).any() and branch.fisher_B.gt(0).any()
     assert float(method.loss_terms(model)["ewc"].detach()) == 0.0  # exactly at the anchor
@@ -91,37 +88,36 @@ def test_ewc_penalty_zero_at_anchor_gradient_is_lambda_f_delta(setup) -> None:
 
 
 # --- LwF-VR ---------------------------------------------------------------------------------
-def test_lwf_vr_distillation_zero_for_the_teacher_positive_after_a_change(setup) -> None:
-    kind, _ = setup
+def test_lwf_vr_distillation_zero_for_the_teacher_positive_after_a_change(clip_stream) -> None:
+    kind, _ = clip_stream
     method = LwFVR(LwFVRConfig(**LORA))
-    model = start(method, setup, index=1)
+    model, ctx = start(method, clip_stream, index=1)
     # the replayed vocabulary is every class name seen so far: alpha's 3 + beta's 3
     assert method.teacher_text.shape[0] == 6 and [t.name for t in method.vocabulary] == ["alpha", "beta"]
     batch = context(kind, 1).sample(TASKS[1], 8)
     model.train()
-    assert float(method.distillation(model, batch).detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(method.distillation(model, batch, ctx).detach()) == pytest.approx(0.0, abs=1e-6)
     randomise_b(model)
-    changed = method.loss_terms(model, batch)["lwf_vr"]
+    changed = method.loss_terms(model, batch, ctx)["lwf_vr"]
     assert float(changed.detach()) > 1e-3
     changed.backward()
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for _, b in shared_factors(model))
     assert all(not p.requires_grad for p in method.teacher.parameters())
 
-    method.end_task(model, "beta", 1)
-    method.set_context(context(kind, 2))
-    method.begin_task(model, "gamma", 2)
+    method.end_task(model, "beta", 1, ctx)
+    method.begin_task(model, "gamma", 2, context(kind, 2))
     assert method.teacher_text.shape[0] == 8  # gamma adds "one", "two"; "red" is already there
 
 
 # --- WiSE-FT --------------------------------------------------------------------------------
 @pytest.mark.parametrize("anchor", ["zeroshot", "previous"])
-def test_wise_ft_alpha_0_is_the_anchor_and_alpha_1_the_fine_tuned_model(setup, anchor) -> None:
-    kind, base = setup
+def test_wise_ft_alpha_0_is_the_anchor_and_alpha_1_the_fine_tuned_model(clip_stream, anchor) -> None:
+    kind, base = clip_stream
     base_feats = features(copy.deepcopy(base), kind)
     ends = {}
     for alpha in (0.0, 1.0):
         method = WiSEFT(WiSEFTConfig(**LORA, wise_alpha=alpha, anchor=anchor))
-        model = start(method, setup)
+        model, _ = start(method, clip_stream)
         randomise_b(model, seed=1)  # the model task 2 starts from: not the base model
         method.begin_task(model, "beta", 1)
         start_feats = features(model, kind)
@@ -136,9 +132,9 @@ def test_wise_ft_alpha_0_is_the_anchor_and_alpha_1_the_fine_tuned_model(setup, a
         assert torch.equal(got, want)  # alpha 1: the fine-tuned model
 
 
-def test_wise_ft_zeroshot_scales_the_update_by_alpha(setup) -> None:
+def test_wise_ft_zeroshot_scales_the_update_by_alpha(clip_stream) -> None:
     method = WiSEFT(WiSEFTConfig(**LORA, wise_alpha=0.5))
-    model = start(method, setup)
+    model, _ = start(method, clip_stream)
     randomise_b(model)
     before = delta_weights(model)
     method.end_task(model, "alpha", 0)
@@ -147,13 +143,13 @@ def test_wise_ft_zeroshot_scales_the_update_by_alpha(setup) -> None:
 
 
 # --- ZSCL -----------------------------------------------------------------------------------
-def test_zscl_feature_loss_zero_at_start_positive_after_training(setup) -> None:
-    kind, _ = setup
+def test_zscl_feature_loss_zero_at_start_positive_after_training(clip_stream) -> None:
+    kind, _ = clip_stream
     method = ZSCL(ZSCLConfig(**LORA, num_reference_images=24, reference_batch_size=8, num_random_texts=12))
-    model = start(method, setup)
+    model, ctx0 = start(method, clip_stream)
     model.train()
     images = TASKS[0].train_images[:4]
-    assert float(method.distillation(model, images).detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(method.distillation(model, images, ctx0).detach()) == pytest.approx(0.0, abs=1e-6)
 
     ref = method.reference_images  # (24, 3, 16, 16) crops of sklearn's photos, none from the stream
     assert ref.shape == (24, 3, 16, 16) and 0.0 <= float(ref.min()) and float(ref.max()) <= 1.0
@@ -170,12 +166,12 @@ def test_zscl_feature_loss_zero_at_start_positive_after_training(setup) -> None:
         kind.loss(model, ctx.sample(TASKS[0], 8)).backward()
         opt.step()
         opt.zero_grad()
-    assert float(method.loss_terms(model, {"images": images})["zscl"].detach()) > 1e-4
+    assert float(method.loss_terms(model, {"images": images}, ctx0)["zscl"].detach()) > 1e-4
 
 
-def test_zscl_weight_ensemble_is_the_running_mean_from_the_task_start(setup) -> None:
+def test_zscl_weight_ensemble_is_the_running_mean_from_the_task_start(clip_stream) -> None:
     method = ZSCL(ZSCLConfig(**LORA, weight_ensemble_every=1))
-    model = start(method, setup)
+    model, _ = start(method, clip_stream)
     b = shared_factors(model)[0][1]
     values = [b.detach().clone()]  # task start: B = 0
     for step in (1, 2):
@@ -188,57 +184,22 @@ def test_zscl_weight_ensemble_is_the_running_mean_from_the_task_start(setup) -> 
 
 
 # --- replay ---------------------------------------------------------------------------------
-def test_replay_buffers_earlier_tasks_only_with_the_quota(setup) -> None:
-    kind, _ = setup
+def test_replay_buffers_earlier_tasks_only_with_the_quota(clip_stream) -> None:
+    kind, _ = clip_stream
     method = Replay(ReplayConfig(**LORA, samples_per_task=5, replay_batch_size=4))
-    model = start(method, setup)
-    assert method.loss_terms(model, None) == {}  # task 1: nothing to replay
-    method.end_task(model, "alpha", 0)
-    method.set_context(context(kind, 1))
-    method.begin_task(model, "beta", 1)
+    model, ctx = start(method, clip_stream)
+    assert method.loss_terms(model, None, ctx) == {}  # task 1: nothing to replay
+    method.end_task(model, "alpha", 0, ctx)
+    ctx = context(kind, 1)
+    method.begin_task(model, "beta", 1, ctx)
     assert list(method.buffer) == ["alpha"]
     kept = method.buffer["alpha"]
     assert len(kept) == len(set(kept)) == 5 and all(0 <= i < len(TASKS[0].train_labels) for i in kept)
-    replayed = method.replay_batch()["images"]
+    replayed = method.replay_batch(ctx)["images"]
     assert len(replayed) == 4
     pool = TASKS[0].train_images[kept]
     assert all(any(torch.equal(x, y) for y in pool) for x in replayed)  # only alpha's kept samples
-    term = method.loss_terms(model, None)
+    term = method.loss_terms(model, None, ctx)
     assert set(term) == {"replay"} and float(term["replay"].detach()) > 0
-    method.end_task(model, "beta", 1)
+    method.end_task(model, "beta", 1, ctx)
     assert list(method.buffer) == ["alpha", "beta"] and len(method.buffer["beta"]) == 5
-
-
-# --- through the trainer: every method trains, saves and resumes to the same matrix ----------
-TRAIN = TrainConfig(iterations=2, batch_size=6, lr=5e-3, progress=False)
-SMOKE = {
-    "ewc": dict(ewc_lambda=50.0, fisher_batches=2, fisher_batch_size=6),
-    "lwf_vr": dict(),
-    "wise_ft": dict(wise_alpha=0.5),
-    "zscl": dict(num_reference_images=16, reference_batch_size=6, num_random_texts=8, weight_ensemble_every=1,
-                 l2_lambda=1.0),
-    "replay": dict(samples_per_task=4, replay_batch_size=4),
-}
-
-
-def train(setup, name, tmp=None, resume=False, stop_after=None):
-    kind, base = setup
-
-    def stop(state):
-        if stop_after is not None and state.completed == stop_after:
-            raise KeyboardInterrupt  # killed right after a checkpoint
-
-    trainer = ContinualTrainer(copy.deepcopy(base), build_method(name, **LORA, **SMOKE[name]), kind, TASKS, TRAIN,
-                               checkpoint_dir=tmp, on_task_end=stop)
-    return trainer.run(resume=resume)
-
-
-@pytest.mark.parametrize("name", sorted(SMOKE))
-def test_trains_and_resumes_to_the_same_matrix(setup, tmp_path, name) -> None:
-    full = train(setup, name)
-    assert full.finished and len(full.matrix) == 3 and all(len(row) == 3 for row in full.matrix)
-    assert all(loss is not None for loss in full.train_losses)
-    with pytest.raises(KeyboardInterrupt):
-        train(setup, name, tmp=tmp_path, stop_after=2)
-    resumed = train(setup, name, tmp=tmp_path, resume=True)
-    assert resumed.matrix == full.matrix and resumed.train_losses == full.train_losses

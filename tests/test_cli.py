@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from continual_lora.benchmarks.runner import RunConfig, build_methods
+from continual_lora.app.runner import RunConfig, build_methods
 from continual_lora.cli import load_yaml, main
-from continual_lora.continual.config import ConfigError, from_dict
+from continual_lora.config import ConfigError, from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -264,33 +264,29 @@ def test_precision_and_gradient_checkpointing_options_run_in_one_process(one_thr
         dataclasses.replace(TRAIN, precision="fp8")
 
 
-def test_train_step_enters_autocast_inside_its_forward() -> None:
+def test_objective_enters_autocast_inside_its_forward() -> None:
     """DeepSpeed's engine calls its module inside ``torch.autocast(enabled=False)`` when CUDA autocast
-    is already on; TrainStep enters the run's autocast inside its own forward, so it still applies."""
-    from continual_lora.continual.distributed import Runtime, TrainStep
+    is already on; the step's Objective enters the run's autocast inside its own forward, so it still applies."""
+    from continual_lora.continual import Objective
+    from continual_lora.runtime import Runtime
 
     dtypes = []
 
-    class Kind:
-        def loss(self, model, batch):
-            out = model(batch)
-            dtypes.append(out.dtype)
-            return out.float().square().mean()
+    def loss(model, batch):
+        out = model(batch)
+        dtypes.append(out.dtype)
+        return out.float().square().mean()
 
-    class NoTerms:
-        def loss_terms(self, model, batch):
-            return {}
-
-    step = TrainStep(torch.nn.Linear(4, 4), NoTerms(), Kind(), autocast=Runtime(precision="bf16").autocast)
+    step = Objective(torch.nn.Linear(4, 4), loss, autocast=Runtime(precision="bf16").autocast)
     with torch.autocast("cpu", enabled=False):  # the engine's context around its module
         step(torch.randn(2, 4))
-    plain = TrainStep(torch.nn.Linear(4, 4), NoTerms(), Kind())
+    plain = Objective(torch.nn.Linear(4, 4), loss)
     plain(torch.randn(2, 4))
     assert dtypes == [torch.bfloat16, torch.float32]
 
 
 def test_deepspeed_accelerator_must_match_the_training_device(monkeypatch) -> None:
-    from continual_lora.continual.zero import select_accelerator
+    from continual_lora.runtime.zero import select_accelerator
 
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # restored afterwards: later launches copy os.environ
 
@@ -300,18 +296,18 @@ def test_deepspeed_accelerator_must_match_the_training_device(monkeypatch) -> No
 
 
 def test_accelerate_mixed_precision_is_refused_unless_it_matches(monkeypatch) -> None:
-    from continual_lora.continual.distributed import Runtime
+    from continual_lora.runtime import runtime_from_env
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ValueError, match="train.precision=bf16"):
-        Runtime.from_env("cpu", "fp32")
-    assert Runtime.from_env("cpu", "bf16").precision == "bf16"
+        runtime_from_env("cpu", "fp32")
+    assert runtime_from_env("cpu", "bf16").precision == "bf16"
 
 
 def test_deepspeed_settings_come_from_accelerate_and_the_run_config(tmp_path, monkeypatch) -> None:
     """accelerate's DeepSpeed config gives the ZeRO settings; the run config gives batch, clipping and
     precision; a DeepSpeed setting that contradicts the run config is an error, not an override."""
-    from continual_lora.continual.zero import zero_settings
+    from continual_lora.runtime.zero import zero_settings
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, make_tiny_llava
+from conftest import LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, make_tiny_llava, run_stream
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from continual_lora import metrics
 from continual_lora.adapters import inject_adapters, parameter_counts
-from continual_lora.benchmarks.cvit import build_cvit_run
-from continual_lora.benchmarks.llava_mini import LLAVA_TARGETS
-from continual_lora.continual.config import ConfigError
-from continual_lora.continual.engine import ContinualTrainer, TrainConfig
-from continual_lora.continual.instruct_data import InstructSample, InstructTask, read_llava_json, write_llava_json
-from continual_lora.continual.instruct_kind import IGNORE_INDEX, InstructionTuning, image_token_count
+from continual_lora.benchmarks import cvit
+from continual_lora.models.llava_mini import LLAVA_TARGETS
+from continual_lora.config import ConfigError
+from continual_lora.continual import TrainConfig
+from continual_lora.kinds.instruct_data import InstructSample, InstructTask, read_llava_json, write_llava_json
+from continual_lora.kinds.instruct import IGNORE_INDEX, InstructionTuning, image_token_count
 from continual_lora.methods import LiLoRAConfig, build_method
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -145,7 +144,7 @@ def test_labels_cover_only_the_assistant_tokens(tokenizer) -> None:
 
 
 def test_llava15_vicuna_template_renders_prefix_by_prefix(tokenizer) -> None:
-    from continual_lora.benchmarks.cvit import VICUNA_V1_TEMPLATE
+    from continual_lora.models.llava import VICUNA_V1_TEMPLATE
 
     kind = make_kind(tokenizer, make_tiny_llava(), chat_template=VICUNA_V1_TEMPLATE)
     ids, labels = kind.encode(InstructSample("v", (("<image>\nWhat color is it ?", "red"),), image=0))
@@ -196,8 +195,7 @@ def test_lilora_through_the_trainer(tokenizer, future) -> None:
     kind = make_kind(tokenizer, model, evaluate_future=future, max_new_tokens=3)
     method = build_method("lilora", rank=4, alpha=8.0, inner_rank=2, dropout=0.0, targets=LLAVA_TARGETS)
     cfg = TrainConfig(iterations=3, batch_size=4, lr=1e-2, progress=False)
-    trainer = ContinualTrainer(copy.deepcopy(model), method, kind, TASKS, cfg)
-    state = trainer.run()
+    state, trainer = run_stream(model, method, kind, TASKS, cfg)
     assert state.finished and len(state.matrix) == 2 and all(len(r) == 2 for r in state.matrix)
     assert len(state.zero_shot) == 2 and min(state.trainable_params) > 0
     scores = metrics.cvit_metrics(state.matrix)
@@ -227,14 +225,7 @@ def test_resumed_run_keeps_the_evaluation_log_and_mif(tokenizer, tmp_path) -> No
     def run(directory, stop_after=None, resume=False):
         kind = make_kind(tokenizer, model, evaluate_future=False, max_new_tokens=3)
         method = build_method("lilora", rank=4, alpha=8.0, inner_rank=2, dropout=0.0, targets=LLAVA_TARGETS)
-
-        def stop(state):
-            if stop_after is not None and state.completed == stop_after:
-                raise KeyboardInterrupt
-
-        trainer = ContinualTrainer(copy.deepcopy(model), method, kind, TASKS, cfg, checkpoint_dir=directory,
-                                   on_task_end=stop)
-        state = trainer.run(resume=resume)
+        state, _ = run_stream(model, method, kind, TASKS, cfg, tmp=directory, resume=resume, stop_after=stop_after)
         return kind.extra_results({"metrics": metrics.cvit_metrics(state.matrix)}), state
 
     full, full_state = run(tmp_path / "full")
@@ -248,15 +239,15 @@ def test_resumed_run_keeps_the_evaluation_log_and_mif(tokenizer, tmp_path) -> No
 
 
 def test_real_scale_cvit_fails_before_training_with_download_hint(tmp_path) -> None:
-    from continual_lora.benchmarks.runner import RunConfig
-    from continual_lora.continual.config import from_dict
+    from continual_lora.app.runner import RunConfig, run_settings
+    from continual_lora.config import from_dict
 
     config = from_dict(RunConfig, {"benchmark": {"name": "cvit", "model_path": "/path/to/llava-1.5-7b-hf"}})
     with pytest.raises(ConfigError, match="huggingface-cli download llava-hf/llava-1.5-7b-hf"):
-        build_cvit_run(config)
+        cvit.build(config.benchmark, run_settings(config))
     config = from_dict(RunConfig, {"benchmark": {"name": "cvit", "model_path": str(tmp_path / "nothing")}})
     with pytest.raises(ConfigError, match="no LLaVA checkpoint"):
-        build_cvit_run(config)
+        cvit.build(config.benchmark, run_settings(config))
 
 
 # --- cvit-mini's bundled tasks ---------------------------------------------------------------

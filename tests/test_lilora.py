@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_clip
 from torch import nn
 
 from continual_lora.adapters import (
@@ -312,17 +313,7 @@ def test_peft_export_refuses_multihead_attention(tmp_path) -> None:
         export_peft_lora(model, "t0", tmp_path / "mha")
 
 
-def _tiny_clip():
-    from transformers import CLIPConfig, CLIPModel
-
-    common = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=64, max_position_embeddings=16, **common),
-        vision_config=dict(image_size=16, patch_size=8, **common),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    return CLIPModel(config).eval()
+TINY_CLIP = dict(special_ids={}, intermediate_size=37)  # transformers' default special ids, odd MLP width
 
 
 def _clip_batch(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -333,7 +324,7 @@ def _clip_batch(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def test_peft_export_round_trip_tiny_clip(tmp_path) -> None:
-    model = _tiny_clip()
+    model = make_tiny_clip(**TINY_CLIP)
     base = copy.deepcopy(model)
     method = LiLoRA(LiLoRAConfig(rank=4, alpha=8.0, inner_rank=2, dropout=0.0))
     method.attach(model)
@@ -355,7 +346,7 @@ def test_peft_export_round_trip_tiny_clip(tmp_path) -> None:
 
 
 def test_tiny_clip_two_tasks_end_to_end() -> None:
-    model = _tiny_clip().train()
+    model = make_tiny_clip(**TINY_CLIP).train()
     method = LiLoRA(LiLoRAConfig(rank=4, alpha=8.0, inner_rank=2, lambda_stab=0.5))
     method.attach(model)
     names = list(lilora(model))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from continual_lora.benchmarks.models import (
+from continual_lora.models.clip import (
     HFTextTokenizer,
     MissingModelError,
     ModelConfig,
@@ -17,10 +17,10 @@ from continual_lora.benchmarks.models import (
     load_clip,
     random_clip_config,
 )
-from continual_lora.benchmarks.pretrain import PretrainConfig
+from continual_lora.models.small_clip import PretrainConfig
 from continual_lora.cli import main
-from continual_lora.continual.clip_task import encode_images, normalize_images
-from continual_lora.continual.config import ConfigError
+from continual_lora.kinds.clip_ops import encode_images, normalize_images
+from continual_lora.config import ConfigError
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
@@ -76,7 +76,7 @@ def test_zscl_random_sentences_work_with_a_transformers_tokenizer(hf_dir) -> Non
     transformers CLIP tokenizer the pool is its alphabetic tokens, read as text ("x</w>" -> "x")."""
     from types import SimpleNamespace
 
-    from continual_lora.continual.clip_kind import ClipClassification
+    from continual_lora.kinds.clip import ClipClassification
 
     _, tokenizer = load_clip(ModelConfig(source="hf", path=str(hf_dir)), PretrainConfig())
     pool = tokenizer.word_pool(["cat", "dog"])

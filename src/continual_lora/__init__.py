@@ -1,11 +1,13 @@
 """continual-lora: continual fine-tuning of vision-language models with LoRA-family adapters.
 
-Library layers (imports run one way): ``adapters`` -> ``methods`` -> ``continual`` (engine)
--> ``benchmarks`` -> ``cli``. Importing the package loads the adapter core and registers the
-methods; the trainer and the benchmarks are imported only when used.
+The layers, lowest first (each imports only from those before it; docs/architecture.md, checked by
+tests/test_layers.py): ``adapters`` -> ``contract`` -> ``methods`` -> ``kinds`` -> ``runtime`` ->
+``continual`` -> ``data`` -> ``models`` -> ``benchmarks`` -> ``app`` -> ``cli``. Importing the
+package loads the adapter core and registers the methods; the trainer, the benchmarks and the
+application are imported only when used.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .adapters import (  # noqa: E402
     LoRAConfig,

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .continual.config import ConfigError, from_dict
+from .config import ConfigError, from_dict
 
 
 class _Loader(yaml.SafeLoader):
@@ -76,8 +76,9 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
 
 # --- commands -----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .benchmarks.runner import RunConfig, build_methods, compare, run_method
-    from .continual.distributed import process_rank
+    from .app.compare import compare
+    from .app.runner import RunConfig, build_methods, run_method
+    from .runtime import process_rank
 
     config = from_dict(RunConfig, load_yaml(args.config, args.overrides))
     methods = build_methods(config)  # validates every method before any training
@@ -106,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .benchmarks.pretrain import PretrainConfig, pretrain
+    from .models.small_clip import PretrainConfig, pretrain
 
     data = load_yaml(args.config, args.overrides) if args.config else apply_overrides({}, args.overrides)
     data = data.get("pretrain", data) if "pretrain" in data else data
@@ -127,7 +128,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .benchmarks.runner import compare
+    from .app.compare import compare
 
     plot = args.plot or Path(args.run_dirs[0]).parent / "comparison.png"
     print(compare(args.run_dirs, plot_path=plot))
@@ -136,7 +137,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmarks.speed import format_speed_report, run_speed_bench
+    from .app.speed import format_speed_report, run_speed_bench
 
     result = run_speed_bench(method=args.method, size=args.size, batch_size=args.batch_size, steps=args.steps,
                              device=args.device)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
+from ..storage import atomic_write
+from ..version import __version__
 from .base import config_from_dict
 from .inject import CONFIG_ATTR, adapted_layers, branches, inject_adapters, sites
 
@@ -32,17 +32,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in branch.state_dict().items():
             state[f"{name}.{key}"] = value.detach().contiguous()
     return state
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -65,8 +54,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict[str
         "extra": extra or {},
     }
     state = adapter_state(model)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return out
 
 

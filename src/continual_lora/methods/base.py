@@ -1,25 +1,33 @@
 """What a continual-learning method is to the trainer: adapters plus a few hooks.
 
-The trainer calls, in order::
+The trainer calls, in order (``context`` is the :class:`~continual_lora.contract.TaskContext` of the
+task being trained; hooks that need no data beyond the batch ignore it)::
 
-    method.attach(model)                              once, before the first task
+    method.attach(model)                                   once, before the first task
     for index, task in enumerate(tasks):
-        method.begin_task(model, task, index)         new per-task state, freezing
+        method.begin_task(model, task, index, context)     new per-task state, freezing
+        steps = method.train_steps(index, default, context)
         for batch in task:
-            loss = task_loss + sum(method.loss_terms(model, batch).values())
+            loss = task_loss + sum(method.loss_terms(model, batch, context).values())
             ... backward, step ...
             method.after_step(model)
-        method.end_task(model, task, index)           merging, snapshots, records
-    with method.evaluating(model, task): ...          how to evaluate any task (seen or not)
+        method.end_task(model, task, index, context)       merging, snapshots, records
+    with method.evaluating(model, task): ...               how to evaluate any task (seen or not)
 
 A method never reaches into the trainer: it returns loss terms (already weighted) and the
 trainer adds them. All state that must survive a restart lives in the model's branches
-(``nn.ParameterDict`` / buffers keyed by task) or in :meth:`extra_state`.
+(``nn.ParameterDict`` / buffers keyed by task) or in :meth:`extra_state`. The hooks can also be
+called by hand without a trainer (``context=None``); a method that needs the context then says so.
+
+Registering: ``@register_method`` on the method class enters it in :data:`METHODS` and its own
+config class in the adapter core's registry under the same name (so a saved adapter rebuilds
+from its ``adapter_config.json``); the name is written once, as ``Method.name``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
@@ -35,10 +43,12 @@ from ..adapters import (
     load_adapter,
     merge,
     read_adapter_config,
+    register_adapter,
     save_adapter,
     use_task,
 )
 from ..adapters.inject import branches
+from ..contract import TaskContext
 
 
 class Method:
@@ -53,31 +63,33 @@ class Method:
         if not isinstance(self.config, self.config_cls):
             raise TypeError(f"{self.name} expects a {self.config_cls.__name__}, got {type(self.config).__name__}")
         self.trained_tasks: list[str] = []
-        self.context: Any = None  # the trainer's TaskContext for the current task (see set_context)
 
     # --- lifecycle ----------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         inject_adapters(model, self.config)
 
-    def set_context(self, context: Any) -> None:
-        """Called before ``begin_task`` with the trainer's per-task context (data access, kind)."""
-        self.context = context
-
-    def train_steps(self, index: int, default: int) -> int:
+    def train_steps(self, index: int, default: int, context: TaskContext | None = None) -> int:
         """Optimiser steps for task ``index`` (e.g. 0 for a method that does not train then)."""
         return default
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         raise NotImplementedError
 
-    def loss_terms(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: nn.Module, batch: Any, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
         return {}
 
     def after_step(self, model: nn.Module) -> None:
         pass
 
-    def end_task(self, model: nn.Module, task: str, index: int) -> None:
+    def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         self.trained_tasks.append(task)
+
+    def need_context(self, context: TaskContext | None) -> TaskContext:
+        """``context``, or an error saying that this method needs the trainer's task context."""
+        if context is None:
+            raise RuntimeError(f"{self.name} needs the trainer's task context: pass context=TaskContext(...) "
+                               "to the hook (the continual trainer does)")
+        return context
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
@@ -155,11 +167,22 @@ def open_task(model: nn.Module, found: dict[str, Any], task: str) -> None:
 
 
 METHODS: dict[str, type[Method]] = {}
+CONTEXT_HOOKS = ("train_steps", "begin_task", "loss_terms", "end_task")  # hooks the trainer passes the context to
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: ``METHODS[cls.name] = cls``; a config class of the method's own (not a shared
+    one such as ``LoRAConfig``) gets ``method = cls.name`` and is registered with the adapter core."""
     if not cls.name:
         raise ValueError(f"{cls.__name__}.name must be set")
+    old = [hook for hook in CONTEXT_HOOKS if "context" not in inspect.signature(getattr(cls, hook)).parameters]
+    if old:  # hooks written for continual-lora <= 0.1.0, which had set_context instead
+        raise TypeError(f"{cls.__name__}: the hooks {old} must accept the task context as an argument "
+                        "(e.g. def loss_terms(self, model, batch, context=None)); see docs/architecture.md")
+    config = cls.config_cls
+    if "method" not in vars(config):  # the method's own config class: it is named after the method
+        config.method = cls.name
+        register_adapter(config)
     METHODS[cls.name] = cls
     return cls
 

@@ -29,15 +29,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import LoRABranch, LoRAConfig, register_adapter
+from ..adapters import LoRABranch, LoRAConfig
+from ..contract import TaskContext
 from .base import register_method, typed_branches
-from .seq_lora import SHARED, SeqLoRA
+from .seq_lora import SeqLoRA
+from .shared import SHARED
 
 
-@register_adapter
 @dataclass
 class EWCConfig(LoRAConfig):
-    method = "ewc"
     ewc_lambda: float = 1000.0  # weight of the quadratic penalty; scale-dependent (mtil-mini: 1e5, docs/results.md)
     gamma: float = 1.0  # online-EWC decay of the accumulated Fisher (1 = plain sum over tasks)
     fisher_batches: int = 8  # minibatches of the finished task that estimate its Fisher
@@ -94,17 +94,15 @@ class EWC(SeqLoRA):
     name = "ewc"
     config_cls = EWCConfig
 
-    def loss_terms(self, model: nn.Module, batch: object = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: nn.Module, batch: object = None, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
         if not self.trained_tasks:
             return {}
         total = torch.stack([b.penalty() for b in _ewc_branches(model)]).sum()
         return {"ewc": 0.5 * self.config.ewc_lambda * total}
 
-    def fisher(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def fisher(self, model: nn.Module, context: TaskContext | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The current task's diagonal empirical Fisher, (F_A, F_B) per branch."""
-        if self.context is None:
-            raise RuntimeError("ewc needs the trainer's task context (set_context) to estimate the Fisher")
-        cfg, ctx = self.config, self.context
+        cfg, ctx = self.config, self.need_context(context)
         params = [p for b in _ewc_branches(model) for p in b.factors(SHARED)]
         squares = [torch.zeros_like(p) for p in params]
         for _ in range(cfg.fisher_batches):
@@ -116,7 +114,7 @@ class EWC(SeqLoRA):
         scaled = [sq / cfg.fisher_batches for sq in squares]
         return list(zip(scaled[0::2], scaled[1::2]))
 
-    def end_task(self, model: nn.Module, task: str, index: int) -> None:
-        for branch, (fa, fb) in zip(_ewc_branches(model), self.fisher(model)):
+    def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
+        for branch, (fa, fb) in zip(_ewc_branches(model), self.fisher(model, context)):
             branch.consolidate(fa, fb, self.config.gamma)
-        super().end_task(model, task, index)
+        super().end_task(model, task, index, context)

@@ -24,23 +24,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..adapters import LoRAConfig, add_task, register_adapter, set_task
+from ..adapters import LoRAConfig
+from ..contract import TaskContext
 from .base import Method, register_method
-from .seq_lora import SHARED
+from .shared import SHARED, open_shared
 
 BUDGETS = ("steps", "samples")
 
 
-@register_adapter
 @dataclass
 class JointLoRAConfig(LoRAConfig):
-    method = "joint_lora"
-    budget: str = "steps"  # "steps": sum of per-task steps; "samples": that sum / T (same samples seen)
+    budget: Literal["steps", "samples"] = "steps"  # "steps": sum of per-task steps; "samples": that sum / T (same samples seen)
     other_batch_size: int | None = None  # samples drawn from each other task per step (None: trainer's)
 
     def __post_init__(self) -> None:
@@ -65,39 +64,30 @@ class JointLoRA(Method):
         super().__init__(config)
         self.task_index = -1  # index of the task being "trained" (-1: none yet)
 
-    def total_steps(self, default: int) -> int:
+    def total_steps(self, default: int, context: TaskContext | None = None) -> int:
         """The joint budget; ``default`` is task 0's own step count."""
-        ctx = self.context
-        if ctx is None:
+        if context is None:
             return default
-        if ctx.train is not None:
-            per_task = [ctx.train.steps_for(ctx.kind.num_train(t)) for t in ctx.tasks]
-        else:  # a context without the trainer's config: every task gets task 0's budget
-            per_task = [default] * len(ctx.tasks)
+        # a context without the trainer's budgets: every task gets task 0's budget
+        per_task = list(context.task_steps) or [default] * len(context.tasks)
         total = sum(per_task)
         return total if self.config.budget == "steps" else math.ceil(total / len(per_task))
 
-    def train_steps(self, index: int, default: int) -> int:
-        return self.total_steps(default) if index == 0 else 0
+    def train_steps(self, index: int, default: int, context: TaskContext | None = None) -> int:
+        return self.total_steps(default, context) if index == 0 else 0
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         self.task_index = index
-        found = self.branches(model)
-        if SHARED not in next(iter(found.values())).tasks:
-            add_task(model, SHARED)
-        set_task(model, SHARED)
-        for branch in found.values():  # trainable at index 0 only (reported as 0 trainable later)
+        open_shared(model)
+        for branch in self.branches(model).values():  # trainable at index 0 only (reported as 0 trainable later)
             branch.freeze_task(SHARED, frozen=index != 0)
 
-    def loss_terms(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        ctx = self.context
-        if self.task_index != 0 or ctx is None:
+    def loss_terms(self, model: nn.Module, batch: Any, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
+        if self.task_index != 0 or context is None:
             return {}
-        n = self.config.other_batch_size
-        if n is None:
-            n = ctx.train.batch_size if ctx.train is not None else 32
-        return {f"joint/{t.name}": ctx.kind.loss(model, ctx.sample(t, n))
-                for t in ctx.tasks if t is not ctx.task}
+        n = self.config.other_batch_size if self.config.other_batch_size is not None else context.batch_size
+        return {f"joint/{t.name}": context.kind.loss(model, context.sample(t, n))
+                for t in context.tasks if t is not context.task}
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "task_index": self.task_index}

@@ -38,33 +38,32 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import AdapterBranch, AdapterConfig, ParamCount, UnknownTaskError, register_adapter
+from ..adapters import AdapterBranch, AdapterConfig, ParamCount, UnknownTaskError
 from ..adapters.inject import CONFIG_ATTR, adapted_layers
 from ..adapters.layers import AdaptedLinear
+from ..contract import TaskContext
 from .base import Method, open_task, register_method, typed_branches
 
 STABILITY_TARGETS = ("A", "B0", "both")
 
 
-@register_adapter
 @dataclass
 class LiLoRAConfig(AdapterConfig):
-    method = "lilora"
     rank: int = 128  # r, rank of the shared A and of every task's update (release: 128)
     alpha: float = 256.0  # update scale is alpha / rank (release: 256, scale 2)
     inner_rank: int = 64  # s, rank of each task's inner product P_t Q_t (release: 64)
     dropout: float = 0.05  # dropout on the input of A only (release: 0.05)
-    gate_init: str | float = "normal"  # "normal": g_t ~ N(0, 1) (release), or a fixed gate logit
+    gate_init: Literal["normal"] | float = "normal"  # "normal": g_t ~ N(0, 1) (release), or a fixed gate logit
     freeze_shared_b_after_first_task: bool = True  # B0 trains on the first task only (release)
     freeze_shared_a: bool = False  # freeze A from the second task on (release: A always trains)
-    stability_target: str = "A"  # shared matrix of the cosine stability loss: "A", "B0" or "both"
+    stability_target: Literal["A", "B0", "both"] = "A"  # shared matrix of the cosine stability loss: "A", "B0" or "both"
     lambda_stab: float = 0.0  # weight of the stability loss for tasks t >= 1 (0 = release)
 
     def __post_init__(self) -> None:
@@ -200,7 +199,7 @@ class LiLoRA(Method):
         super().__init__(config)
         self.task_index = -1  # index of the task being trained (-1: none yet)
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         found = lilora_branches(model)
         if index >= 1 and task not in next(iter(found.values())).tasks:  # a resumed task keeps its snapshot
             for branch in found.values():
@@ -211,7 +210,7 @@ class LiLoRA(Method):
             branch.A.requires_grad_(not (index >= 1 and self.config.freeze_shared_a))
         self.task_index = index
 
-    def loss_terms(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: nn.Module, batch: Any = None, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
         if self.config.lambda_stab == 0 or self.task_index < 1:
             return {}
         return {"stability": self.config.lambda_stab * stability_loss(model)}

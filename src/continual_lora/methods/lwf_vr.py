@@ -20,8 +20,8 @@ a soft-target cross-entropy, which differs from the KL here by the teacher's ent
 same gradient); the KL is exactly 0 while the student equals the teacher.
 
 The teacher is a frozen deep copy taken in ``begin_task``, so a run resumed at a task boundary
-rebuilds it exactly; nothing is saved beyond the LoRA. Needs a kind with ``image_features`` and
-``class_features`` and ``gather_rows`` (:class:`~continual_lora.continual.clip_kind.ClipClassification`).
+rebuilds it exactly; nothing is saved beyond the LoRA. Needs a
+:class:`~continual_lora.contract.ContrastiveKind` (CLIP classification) for the features.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import LoRAConfig, register_adapter
+from ..adapters import LoRAConfig
+from ..contract import TaskContext
 from .base import register_method
 from .seq_lora import SeqLoRA
 
@@ -57,10 +58,8 @@ def two_way_distillation(t_img: torch.Tensor, t_txt: torch.Tensor, s_img: torch.
     return loss
 
 
-@register_adapter
 @dataclass
 class LwFVRConfig(LoRAConfig):
-    method = "lwf_vr"
     distill_lambda: float = 1.0  # lambda, weight of the distillation loss (release: 1)
     temperature: float = 2.0  # T of the softened softmaxes; the loss is scaled by T^2 (release: 2)
     text_direction: bool = True  # also distil the transposed, text->image logits (release: yes)
@@ -87,32 +86,32 @@ class LwFVR(SeqLoRA):
         self.vocabulary: list[Any] = []  # tasks whose class names are replayed (1..t)
         self.teacher_text: torch.Tensor | None = None  # (|V|, D) teacher text features of the vocabulary
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
-        super().begin_task(model, task, index)
-        if self.context is None:
-            raise RuntimeError("lwf_vr needs the trainer's task context (set_context)")
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
+        super().begin_task(model, task, index, context)
+        context = self.need_context(context)
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        self.vocabulary = list(self.context.tasks[: index + 1])
-        self.teacher_text = self.context.kind.class_features(self.teacher, self.vocabulary, with_grad=False)
+        self.vocabulary = list(context.tasks[: index + 1])
+        self.teacher_text = context.contrastive(self.name).class_features(self.teacher, self.vocabulary,
+                                                                           with_grad=False)
 
-    def distillation(self, model: nn.Module, batch: Any) -> torch.Tensor:
+    def distillation(self, model: nn.Module, batch: Any, context: TaskContext) -> torch.Tensor:
         """L_img + [text_direction] L_txt of the module docstring on ``batch``'s images."""
         if self.teacher is None or self.teacher_text is None:
             raise RuntimeError("lwf_vr: begin_task has not frozen a teacher yet")
-        kind, cfg = self.context.kind, self.config
+        kind, cfg = context.contrastive(self.name), self.config
         with torch.no_grad():
             t_img = kind.image_features(self.teacher, batch)
         s_img = kind.image_features(model, batch)
         # data parallel: the text->image logits (|V|, B) couple the batch, so every rank scores the
         # global batch (the img->text mean over rows is then the global mean as well)
-        t_img, s_img = kind.gather_rows(t_img), kind.gather_rows(s_img)
+        t_img, s_img = context.gather(t_img), context.gather(s_img)
         s_txt = kind.class_features(model, self.vocabulary, with_grad=True) if cfg.student_text else self.teacher_text
         return two_way_distillation(t_img, self.teacher_text, s_img, s_txt, kind.logit_scale, cfg.temperature,
                                     cfg.text_direction)
 
-    def loss_terms(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        return {"lwf_vr": self.config.distill_lambda * self.distillation(model, batch)}
+    def loss_terms(self, model: nn.Module, batch: Any, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
+        return {"lwf_vr": self.config.distill_lambda * self.distillation(model, batch, self.need_context(context))}
 
-    def end_task(self, model: nn.Module, task: str, index: int) -> None:
+    def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         self.teacher, self.teacher_text = None, None  # free the copy between tasks
-        super().end_task(model, task, index)
+        super().end_task(model, task, index, context)

@@ -29,30 +29,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterBranch, AdapterConfig, ParamCount, add_task, register_adapter, set_task
+from ..adapters import AdapterBranch, AdapterConfig, ParamCount
 from ..adapters.base import check_task_name, in_backward
+from ..contract import TaskContext
 from .base import Method, register_method, typed_branches
-from .seq_lora import SHARED
+from .shared import open_shared
 
 ROUTINGS = ("token", "sample")
 
 
-@register_adapter
 @dataclass
 class MoELoRAConfig(AdapterConfig):
-    method = "moe_lora"
     num_experts: int = 4  # E, LoRA experts per adapted weight
     expert_rank: int = 2  # r_e, rank of each expert
     alpha: float = 2.0  # each expert's scale is alpha / expert_rank
     dropout: float = 0.0  # dropout on the experts' input (the router reads the clean input)
     top_k: int | None = None  # experts mixed per token / sample; None = all E (dense mixture)
-    routing: str = "token"  # "token": route each token; "sample": route on the mean over tokens
+    routing: Literal["token", "sample"] = "token"  # "token": route each token; "sample": route on the mean over tokens
     lambda_balance: float = 0.0  # weight of the Switch load-balancing loss (0: off)
 
     def __post_init__(self) -> None:
@@ -163,12 +162,10 @@ class MoELoRA(Method):
     uses_task_id = False
     config: MoELoRAConfig
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
-        if SHARED not in next(iter(typed_branches(model, MoELoRABranch).values())).tasks:
-            add_task(model, SHARED)
-        set_task(model, SHARED)
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
+        open_shared(model, typed_branches(model, MoELoRABranch))
 
-    def loss_terms(self, model: nn.Module, batch: Any = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: nn.Module, batch: Any = None, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
         if self.config.lambda_balance == 0:
             return {}
         per_layer = []

@@ -28,14 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import LoRABranch, LoRAConfig, register_adapter
+from ..adapters import LoRABranch, LoRAConfig
+from ..contract import TaskContext
 from .base import Method, open_task, register_method, typed_branches
 
 
-@register_adapter
 @dataclass
 class OLoRAConfig(LoRAConfig):
-    method = "o_lora"
     lambda_orth: float = 0.5  # weight of the orthogonality loss |A_past A_cur^T|_1 (paper: 0.5)
     lambda_l2: float = 0.0  # weight of ||A_cur||_F + ||B_cur||_F (0: off)
 
@@ -98,10 +97,10 @@ class OLoRA(Method):
     uses_task_id = False
     config: OLoRAConfig
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         open_task(model, typed_branches(model, OLoRABranch), task)
 
-    def loss_terms(self, model: nn.Module, batch: Any = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: nn.Module, batch: Any = None, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
         found = list(typed_branches(model, OLoRABranch).values())
         terms: dict[str, torch.Tensor] = {}
         if self.config.lambda_orth > 0 and len(found[0].upto()) > 1:

@@ -17,16 +17,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..adapters import LoRABranch, LoRAConfig, register_adapter
+from ..adapters import LoRABranch, LoRAConfig
+from ..contract import TaskContext
 from .base import Method, open_task, register_method, typed_branches
 
 
-@register_adapter
 @dataclass
 class PerTaskLoRAConfig(LoRAConfig):
     """Plain LoRA hyper-parameters (``rank``, ``alpha``, ``dropout``, ``init``); one LoRA per task."""
 
-    method = "per_task_lora"
 
 
 @register_method
@@ -37,5 +36,5 @@ class PerTaskLoRA(Method):
     config_cls = PerTaskLoRAConfig
     uses_task_id = True
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         open_task(model, typed_branches(model, LoRABranch), task)

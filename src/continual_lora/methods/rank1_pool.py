@@ -38,6 +38,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -52,29 +53,27 @@ from ..adapters import (
     config_from_dict,
     inject_adapters,
     read_adapter_config,
-    register_adapter,
     sites,
     unload,
 )
 from ..adapters.base import check_task_name, in_backward
 from ..adapters.inject import CONFIG_ATTR, branches
 from ..adapters.io import WEIGHTS_NAME
+from ..contract import TaskContext
 from .base import Method, register_method, typed_branches
 
 
-@register_adapter
 @dataclass
 class Rank1PoolConfig(AdapterConfig):
-    method = "rank1_pool"
     rank: int = 12  # r, rank-1 experts per adapted weight
     top_r: int = 8  # R, experts each sample votes for and experts a batch uses
     merge_k: int | None = None  # k, experts merged per task and AGO's critical set; None -> R // 2
     alpha: float = 1.0  # update scale alpha / rank
     dropout: float = 0.2  # dropout on the branch input only (the router reads the clean input)
-    router_mode: str = "vote"  # "vote" (release: router never trained) or "learned" (extension)
-    routing_token: int | str = 0  # token index along seq_dim the router reads, or "mean" pooling
+    router_mode: Literal["vote", "learned"] = "vote"  # "vote" (release: router never trained) or "learned" (extension)
+    routing_token: int | Literal["mean"] = 0  # token index along seq_dim the router reads, or "mean" pooling
     ago_lambda: float = 0.1  # weight lambda of the AGO loss
-    ago_past: str = "merged"  # AGO past columns: "merged" (paper) or "all" (release)
+    ago_past: Literal["merged", "all"] = "merged"  # AGO past columns: "merged" (paper) or "all" (release)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -289,21 +288,21 @@ class Rank1Pool(Method):
     config_cls = Rank1PoolConfig
     uses_task_id = False
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         for branch in _pool(model):
             branch.reset()
 
-    def loss_terms(self, model: nn.Module, batch: object = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: nn.Module, batch: object = None, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
         pool = _pool(model)
         terms = [b.ago_term() for b in pool if b.tasks]
         if not terms:
             return {"ago": pool[0].lora_B.new_zeros(())}
         return {"ago": self.config.ago_lambda * torch.stack(terms).sum() / len(pool)}
 
-    def end_task(self, model: nn.Module, task: str, index: int) -> None:
+    def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         for _, branch, weight in sites(model):
             branch.commit(task, weight)  # type: ignore[attr-defined]
-        super().end_task(model, task, index)
+        super().end_task(model, task, index, context)
 
     def prepare_inference(self, model: nn.Module, task: str | None = None) -> nn.Module:
         """The plain model: every finished task is already in W0, the in-progress pool is dropped."""

@@ -21,15 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import LoRAConfig, register_adapter
+from ..adapters import LoRAConfig
+from ..contract import TaskContext
 from .base import register_method
 from .seq_lora import SeqLoRA
 
 
-@register_adapter
 @dataclass
 class ReplayConfig(LoRAConfig):
-    method = "replay"
     samples_per_task: int = 16  # training samples of each finished task kept in the buffer
     replay_batch_size: int = 16  # buffered samples per replay batch (at most a task's quota)
     replay_weight: float = 1.0  # w, weight of the replay loss term
@@ -55,40 +54,36 @@ class Replay(SeqLoRA):
         super().__init__(config)
         self.buffer: dict[str, list[int]] = {}  # finished task -> indices of its kept training samples
 
-    def _context(self) -> Any:
-        if self.context is None:
-            raise RuntimeError("replay needs the trainer's task context (set_context)")
-        return self.context
-
-    def _task(self, name: str) -> Any:
-        for task in self._context().tasks:
+    @staticmethod
+    def _task(context: TaskContext, name: str) -> Any:
+        for task in context.tasks:
             if task.name == name:
                 return task
         raise KeyError(f"replay buffer names task {name!r}, which is not in this stream")
 
-    def replay_batch(self) -> Any:
+    def replay_batch(self, context: TaskContext) -> Any:
         """A batch of one uniformly drawn buffered task (None while the buffer is empty)."""
         if not self.buffer:
             return None
-        ctx = self._context()
         names = list(self.buffer)
-        name = names[int(torch.randint(len(names), (1,), generator=ctx.generator))]
+        name = names[int(torch.randint(len(names), (1,), generator=context.generator))]
         kept = torch.tensor(self.buffer[name], dtype=torch.long)
-        pick = kept[torch.randperm(len(kept), generator=ctx.generator)[: self.config.replay_batch_size]]
-        return ctx.kind.train_batch(self._task(name), pick, ctx.generator)
+        pick = kept[torch.randperm(len(kept), generator=context.generator)[: self.config.replay_batch_size]]
+        return context.kind.train_batch(self._task(context, name), pick, context.generator)
 
-    def loss_terms(self, model: nn.Module, batch: object = None) -> dict[str, torch.Tensor]:
-        replay = self.replay_batch()
-        if replay is None:
+    def loss_terms(self, model: nn.Module, batch: object = None, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
+        if not self.buffer:
             return {}
-        return {"replay": self.config.replay_weight * self._context().kind.loss(model, replay)}
+        context = self.need_context(context)
+        replay = self.replay_batch(context)
+        return {"replay": self.config.replay_weight * context.kind.loss(model, replay)}
 
-    def end_task(self, model: nn.Module, task: str, index: int) -> None:
-        ctx = self._context()
-        n = ctx.kind.num_train(ctx.task)
-        keep = torch.randperm(n, generator=ctx.generator)[: self.config.samples_per_task]
+    def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
+        context = self.need_context(context)
+        n = context.kind.num_train(context.task)
+        keep = torch.randperm(n, generator=context.generator)[: self.config.samples_per_task]
         self.buffer[task] = sorted(keep.tolist())
-        super().end_task(model, task, index)
+        super().end_task(model, task, index, context)
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "buffer": {t: list(i) for t, i in self.buffer.items()}}

@@ -29,14 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import LoRABranch, LoRAConfig, ParamCount, register_adapter
+from ..adapters import LoRABranch, LoRAConfig, ParamCount
+from ..contract import TaskContext
 from .base import Method, open_task, register_method, typed_branches
 
 
-@register_adapter
 @dataclass
 class SDLoRAConfig(LoRAConfig):
-    method = "sd_lora"
     magnitude_init: float = 0.8  # alpha_t of a new task (release: 0.8), on top of the scale alpha / rank
 
     def __post_init__(self) -> None:
@@ -120,7 +119,7 @@ class SDLoRA(Method):
     config_cls = SDLoRAConfig
     uses_task_id = False
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         found = typed_branches(model, SDLoRABranch)
         open_task(model, found, task)
         for branch in found.values():
@@ -129,7 +128,7 @@ class SDLoRA(Method):
             for other in branch.upto()[:-1]:
                 branch.close(other)  # no-op for tasks closed by end_task
 
-    def end_task(self, model: nn.Module, task: str, index: int) -> None:
+    def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         for branch in typed_branches(model, SDLoRABranch).values():
             branch.close(task)
         super().end_task(model, task, index)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapters import LoRAConfig, add_task, set_task
+from ..adapters import LoRAConfig
+from ..contract import TaskContext
 from .base import Method, register_method
-
-SHARED = "shared"
+from .shared import open_shared
 
 
 @register_method
@@ -21,7 +21,5 @@ class SeqLoRA(Method):
     config_cls = LoRAConfig
     uses_task_id = False
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
-        if index == 0 and SHARED not in next(iter(self.branches(model).values())).tasks:
-            add_task(model, SHARED)
-        set_task(model, SHARED)
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
+        open_shared(model)

@@ -24,24 +24,24 @@ Everything lives in the LoRA factors, so checkpoints and resume need no extra st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ..adapters import LoRAConfig, register_adapter
-from ..adapters.inject import branches
+from ..adapters import LoRAConfig
+from ..contract import TaskContext
 from .base import register_method
-from .seq_lora import SHARED, SeqLoRA
+from .seq_lora import SeqLoRA
+from .shared import shared_factors
 
 ANCHORS = ("zeroshot", "previous")
 
 
-@register_adapter
 @dataclass
 class WiSEFTConfig(LoRAConfig):
-    method = "wise_ft"
     wise_alpha: float = 0.5  # mixing coefficient: 0 = anchor model, 1 = fine-tuned model (paper 0.5)
-    anchor: str = "zeroshot"  # "zeroshot" (paper, exact) or "previous" (release, factor space; see docstring)
+    anchor: Literal["zeroshot", "previous"] = "zeroshot"  # "zeroshot" (paper, exact) or "previous" (release, factor space; see docstring)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,11 +49,6 @@ class WiSEFTConfig(LoRAConfig):
             raise ValueError(f"wise_alpha must be in [0, 1], got {self.wise_alpha!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
-
-
-def shared_factors(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, B) of the shared LoRA in every adapted weight."""
-    return [b.factors(SHARED) for b in branches(model).values()]  # type: ignore[attr-defined]
 
 
 @register_method
@@ -67,8 +62,8 @@ class WiSEFT(SeqLoRA):
         super().__init__(config)
         self._start: list[tuple[torch.Tensor, torch.Tensor]] = []  # factors at the task start ("previous")
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
-        super().begin_task(model, task, index)
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
+        super().begin_task(model, task, index, context)
         if self.config.anchor == "previous":
             self._start = [(a.detach().clone(), b.detach().clone()) for a, b in shared_factors(model)]
 
@@ -86,6 +81,6 @@ class WiSEFT(SeqLoRA):
             a.copy_(a0 * (1.0 - alpha) + a * alpha)  # exact at alpha = 0 and 1
             b.copy_(b0 * (1.0 - alpha) + b * alpha)
 
-    def end_task(self, model: nn.Module, task: str, index: int) -> None:
+    def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         self.interpolate(model)
-        super().end_task(model, task, index)
+        super().end_task(model, task, index, context)

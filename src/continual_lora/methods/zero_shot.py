@@ -22,18 +22,17 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters import AdapterBranch, AdapterConfig, register_adapter
+from ..adapters import AdapterBranch, AdapterConfig
+from ..contract import TaskContext
 from .base import Method, register_method
 
 STATE_NAME = "zero_shot.json"
 
 
-@register_adapter
 @dataclass
 class ZeroShotConfig(AdapterConfig):
     """No hyper-parameters: ``targets`` / ``exclude`` are accepted (shared run configs) and unused."""
 
-    method = "zero_shot"
 
     def build_branch(self, in_features: int, out_features: int) -> AdapterBranch:
         raise ValueError("zero_shot adds no adapters; there is no branch to build")
@@ -51,10 +50,10 @@ class ZeroShot(Method):
         for p in model.parameters():  # nothing trains; the trainer reports 0 trainable parameters
             p.requires_grad_(False)
 
-    def train_steps(self, index: int, default: int) -> int:
+    def train_steps(self, index: int, default: int, context: TaskContext | None = None) -> int:
         return 0
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         pass
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:

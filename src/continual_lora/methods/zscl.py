@@ -34,17 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import LoRAConfig, disable_adapters, register_adapter
+from ..adapters import LoRAConfig, disable_adapters
+from ..contract import TaskContext
 from .base import register_method
 from .lwf_vr import two_way_distillation
 from .seq_lora import SeqLoRA
-from .wise_ft import shared_factors
+from .shared import shared_factors
 
 
-@register_adapter
 @dataclass
 class ZSCLConfig(LoRAConfig):
-    method = "zscl"
     distill_lambda: float = 1.0  # lambda, weight of the feature distillation (release: 1)
     temperature: float = 2.0  # T of the softened softmaxes; the loss is scaled by T^2 (release: 2)
     text_direction: bool = True  # also distil the transposed, text->image logits (release: yes)
@@ -113,18 +112,16 @@ class ZSCL(SeqLoRA):
     def _params(self, model: nn.Module) -> list[torch.Tensor]:
         return [p for pair in shared_factors(model) for p in pair]
 
-    def begin_task(self, model: nn.Module, task: str, index: int) -> None:
-        super().begin_task(model, task, index)
+    def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
+        super().begin_task(model, task, index, context)
         self._start = [p.detach().clone() for p in self._params(model)]
         self._mean = [p.clone() for p in self._start]
         self._count, self._steps = 1, 0
 
     @torch.no_grad()
-    def prepare_reference(self, model: nn.Module, image_size: int) -> None:
+    def prepare_reference(self, model: nn.Module, image_size: int, context: TaskContext) -> None:
         """Reference images and texts and their original-model features (once per process)."""
-        if self.context is None:
-            raise RuntimeError("zscl needs the trainer's task context (set_context)")
-        cfg, kind = self.config, self.context.kind
+        cfg, kind = self.config, context.contrastive(self.name)
         g = torch.Generator().manual_seed(cfg.reference_seed)
         if self.reference_images is None:
             self.reference_images = sample_photo_crops(cfg.num_reference_images, image_size, g)
@@ -139,20 +136,21 @@ class ZSCL(SeqLoRA):
         finally:
             model.train(was_training)
 
-    def distillation(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """L_img + [text_direction] L_txt on a batch of reference images (B, 3, S, S)."""
-        cfg, kind = self.config, self.context.kind
+    def distillation(self, model: nn.Module, images: torch.Tensor, context: TaskContext) -> torch.Tensor:
+        """L_img + [text_direction] L_txt on a batch of reference images (B, 3, S, S); ``images`` (the
+        training batch's) only give the image size the reference crops are made at."""
+        cfg, kind = self.config, context.contrastive(self.name)
         if self.ref_img is None:
-            self.prepare_reference(model, images.shape[-1])
-        idx = torch.randperm(len(self.reference_images), generator=self.context.generator)[: cfg.reference_batch_size]
+            self.prepare_reference(model, images.shape[-1], context)
+        idx = torch.randperm(len(self.reference_images), generator=context.generator)[: cfg.reference_batch_size]
         s_img = kind.image_features(model, {"images": self.reference_images[idx]})
         s_txt = kind.text_features(model, self.texts) if cfg.student_text else self.ref_txt
         return two_way_distillation(self.ref_img[idx.to(self.ref_img.device)], self.ref_txt, s_img, s_txt,
                                     kind.logit_scale, cfg.temperature, cfg.text_direction)
 
-    def loss_terms(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: nn.Module, batch: Any, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
         cfg = self.config
-        terms = {"zscl": cfg.distill_lambda * self.distillation(model, batch["images"])}
+        terms = {"zscl": cfg.distill_lambda * self.distillation(model, batch["images"], self.need_context(context))}
         if cfg.l2_lambda > 0:
             terms["l2"] = cfg.l2_lambda * sum(((p - p0) ** 2).sum() for p, p0 in zip(self._params(model), self._start))
         return terms
@@ -166,9 +164,9 @@ class ZSCL(SeqLoRA):
             for mean, p in zip(self._mean, self._params(model)):
                 mean.add_((p - mean) / self._count)
 
-    def end_task(self, model: nn.Module, task: str, index: int) -> None:
+    def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         if self.config.weight_ensemble_every:
             with torch.no_grad():
                 for p, mean in zip(self._params(model), self._mean):
                     p.copy_(mean)
-        super().end_task(model, task, index)
+        super().end_task(model, task, index, context)

@@ -3,7 +3,7 @@
 Three sources, all offline (nothing is downloaded at run time):
 
 * ``pretrained-tiny``: the project's own small CLIP, pretrained on mtil-mini train splits and
-  cached (the ``pretrain:`` section; see :mod:`.pretrain`). The default: runs on a CPU.
+  cached (the ``pretrain:`` section; see :mod:`.small_clip`). The default: runs on a CPU.
 * ``hf``: ``transformers.CLIPModel.from_pretrained(path, local_files_only=True)`` with its own
   tokenizer, from a local directory or a hub id already in the local HF cache (e.g. OpenAI's
   CLIP ViT-B/16 after ``huggingface-cli download openai/clip-vit-base-patch16``).
@@ -26,15 +26,16 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
-from ..continual.clip_task import IMAGE_MEAN, IMAGE_STD, WordTokenizer
-from ..continual.config import ConfigError
-from .pretrain import PretrainConfig, build_tokenizer, load_pretrained
+from ..config import ConfigError
+from ..kinds.clip_ops import IMAGE_MEAN, IMAGE_STD
+from .small_clip import PretrainConfig, build_tokenizer, load_pretrained
+from .word_tokenizer import WordTokenizer
 
 SOURCES = ("pretrained-tiny", "hf", "random")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -72,9 +73,9 @@ CLIP_PRESETS: dict[str, dict[str, Any]] = {
 class ModelConfig:
     """Which CLIP the benchmark adapts (see the module docstring)."""
 
-    source: str = "pretrained-tiny"  # "pretrained-tiny" (the pretrain: section), "hf" (local files) or "random"
+    source: Literal["pretrained-tiny", "hf", "random"] = "pretrained-tiny"  # "pretrained-tiny" (the pretrain: section), "hf" (local files) or "random"
     path: str | None = None  # hf: a local model directory, or a hub id already in the local HF cache
-    clip_config: str = "vit-b-16"  # random: architecture preset ("vit-b-16", "vit-l-14", "tiny")
+    clip_config: Literal["vit-b-16", "vit-l-14", "tiny"] = "vit-b-16"  # random: architecture preset ("vit-b-16", "vit-l-14", "tiny")
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

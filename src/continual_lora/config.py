@@ -1,6 +1,10 @@
 """Typed configs from plain data: nested dicts -> dataclasses, with errors that name the key.
 
-YAML parsing and ``key=value`` overrides happen in the CLI; this module only sees dicts.
+YAML parsing and ``key=value`` overrides happen in the CLI; this module only sees dicts. Every layer
+keeps its own config dataclasses next to the code they configure; this module is how any of them
+is built from data. A field whose dataclass depends on the data (the ``benchmark:`` section, whose
+``name`` picks the benchmark's own config class) declares a parser in its metadata:
+``field(..., metadata={"parse": fn})`` with ``fn(value, dotted_key) -> object``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]
+        parse = fields[name].metadata.get("parse")
+        if parse is not None:
+            kwargs[name] = parse(value, prefix + name)
+            continue
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             kwargs[name] = from_dict(hint, value, prefix + name)
             continue
@@ -93,6 +101,14 @@ def _coerce_sequence(value: Any, hint: Any, path: str) -> Any:
 
 
 def _describe(hint: Any) -> str:
+    """``one of 'fp32', 'bf16'`` for a Literal, ``int or null`` for a union, else the type's name."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

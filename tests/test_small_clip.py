@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from continual_lora.benchmarks import mtil_mini as mm
-from continual_lora.benchmarks import pretrain as pt
+from continual_lora.data import domains as mm
+from continual_lora.models import small_clip as pt
 
 TINY = pt.PretrainConfig(
     image_size=16, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, vision_mlp=64,

@@ -1,7 +1,7 @@
 """The instruction-tuning task kind: LLaVA-style next-token training and greedy-decoding evaluation.
 
-Plugs :class:`~.instruct_data.InstructTask` into the trainer's :class:`~.engine.TaskKind`
-protocol (``protocol = "cvit"``: AP / MAP / BWT from the accuracy matrix).
+Plugs :class:`~.instruct_data.InstructTask` into the trainer's :class:`~continual_lora.contract.TaskKind`
+(``protocol = "cvit"``: AP / MAP / BWT from the accuracy matrix).
 
 Encoding of one conversation, with the language model's own chat template::
 
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..contract import Gather, TaskKind, no_gather
 from .instruct_data import IMAGE_PLACEHOLDER, InstructSample, InstructTask
 from .scorers import FORMATS, SCORERS, instruction_following_rate
-from .sharding import gather_batch
 
 IGNORE_INDEX = -100
 DEFAULT_NEW_TOKENS = {"letter": 4, "short": 10, "sentence": 32}
@@ -44,7 +44,7 @@ def image_token_count(config: Any) -> int:
     return n + 1 if config.vision_feature_select_strategy == "full" else n
 
 
-class InstructionTuning:
+class InstructionTuning(TaskKind):
     """Task kind for LLaVA-style models on :class:`InstructTask` streams."""
 
     protocol = "cvit"
@@ -156,6 +156,9 @@ class InstructionTuning:
     def num_train(self, task: InstructTask) -> int:
         return len(task.train)
 
+    def num_test(self, task: InstructTask) -> int:
+        return len(task.test)
+
     def train_batch(self, task: InstructTask, indices: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
         samples = [task.train[i] for i in indices.tolist()]
         encoded = [self.encode(s) for s in samples]
@@ -178,12 +181,12 @@ class InstructionTuning:
                 "labels": self._pad(labels, IGNORE_INDEX, left=False).to(self.device),
                 "pixel_values": self._pixels(task, samples)}
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, Any], gather: Gather = no_gather) -> torch.Tensor:
         """Mean next-token cross-entropy over the assistant tokens of the batch (the model's own
         ``.loss`` in one process).
 
         Data-parallel: each rank's per-sample NLL sums and token counts are gathered
-        (``gather_batch``), so every rank computes the token mean of the GLOBAL batch. The mean of
+        (``gather``), so every rank computes the token mean of the GLOBAL batch. The mean of
         per-rank token means would weight a token by 1 / (its rank's token count).
         """
         labels = batch["labels"]
@@ -193,8 +196,8 @@ class InstructionTuning:
         # (rows, V) layout: the (B, V, T) one is about 10x less accurate on CPU (7e-5 vs 7e-6 per token)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)  # 0 where ignored
-        sums = gather_batch(nll.sum(dim=1))  # (B_global,)
-        counts = gather_batch((target != IGNORE_INDEX).sum(dim=1))  # (B_global,)
+        sums = gather(nll.sum(dim=1))  # (B_global,)
+        counts = gather((target != IGNORE_INDEX).sum(dim=1))  # (B_global,)
         return sums.sum() / counts.sum().clamp_min(1)
 
     @torch.no_grad()

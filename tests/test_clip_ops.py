@@ -1,45 +1,37 @@
-"""clip_task: word tokenizer, EOS pooling, text classifier, soft-target contrastive loss, evaluation."""
+"""kinds.clip_ops and the word tokenizer: word tokenizer, EOS pooling, text classifier, soft-target contrastive loss, evaluation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from conftest import make_tiny_clip
 
-from continual_lora.continual import clip_task as ct
+from continual_lora.kinds import clip_ops as ct
+from continual_lora.models.word_tokenizer import WordTokenizer
 
 TEXTS = ["a photo of a cat.", 'a photo of the number: "seven".', "a t-shirt, on a plain background!"]
-
-
-def tiny_clip(tok: ct.WordTokenizer, eos_token_id: int | None = None, seed: int = 0) -> CLIPModel:
-    torch.manual_seed(seed)
-    ids = tok.special_ids() | ({} if eos_token_id is None else {"eos_token_id": eos_token_id})
-    text = CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, max_position_embeddings=tok.context_length, projection_dim=16, **ids)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=16, patch_size=8, projection_dim=16)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+TOWER = dict(num_attention_heads=2, projection_dim=16)  # make_tiny_clip: 2 heads; the towers' own projection 16
 
 
 @pytest.fixture
-def tok() -> ct.WordTokenizer:
-    return ct.WordTokenizer.from_texts(TEXTS + ["a drawing of a dog.", "a photo of a bird."], context_length=12)
+def tok() -> WordTokenizer:
+    return WordTokenizer.from_texts(TEXTS + ["a drawing of a dog.", "a photo of a bird."], context_length=12)
 
 
 def test_tokenizer_round_trip_and_layout(tok, tmp_path) -> None:
     ids, mask = tok(TEXTS)
     assert ids.shape == mask.shape == (3, 12) and ids.dtype == torch.int64
     for row, text in enumerate(TEXTS):
-        words = ct.WordTokenizer.split(text)
+        words = WordTokenizer.split(text)
         n = len(words) + 2
         assert tok.decode(ids[row].tolist()) == " ".join(words)
         assert ids[row, 0] == tok.sot_id and ids[row, n - 1] == tok.eos_id
         assert bool((ids[row, n:] == tok.pad_id).all()) and mask[row].tolist() == [1] * n + [0] * (12 - n)
-    assert ct.WordTokenizer.split("A T-shirt!") == ["a", "t", "-", "shirt", "!"]
+    assert WordTokenizer.split("A T-shirt!") == ["a", "t", "-", "shirt", "!"]
     path = tmp_path / "tok.json"
     tok.save(path)
-    again = ct.WordTokenizer.load(path)
+    again = WordTokenizer.load(path)
     assert again.vocab == tok.vocab and again.context_length == 12
     assert torch.equal(again(TEXTS)[0], ids)
 
@@ -53,7 +45,7 @@ def test_tokenizer_unknown_words_and_truncation(tok) -> None:
 
 
 def test_pooling_reads_the_eos_position(tok) -> None:
-    model = tiny_clip(tok).eval()
+    model = make_tiny_clip(tokenizer=tok, **TOWER)
     ids, mask = tok(TEXTS)
     eos_pos = (ids == tok.eos_id).int().argmax(dim=-1)  # (B,)
     with torch.no_grad():
@@ -63,13 +55,14 @@ def test_pooling_reads_the_eos_position(tok) -> None:
         assert not torch.allclose(out.pooler_output, out.last_hidden_state[rows, ids.argmax(dim=-1)])
         feats = ct.encode_texts(model, ids, mask)
         assert torch.allclose(feats, model.text_projection(out.last_hidden_state[rows, eos_pos]), atol=1e-6)
-        legacy = tiny_clip(tok, eos_token_id=2).eval()  # same weights, legacy config value
+        legacy_ids = tok.special_ids() | {"eos_token_id": 2}  # same weights, legacy config value
+        legacy = make_tiny_clip(tokenizer=tok, special_ids=legacy_ids, **TOWER)
         legacy_out = legacy.text_model(input_ids=ids, attention_mask=mask).pooler_output
         assert not torch.allclose(legacy_out, out.pooler_output)
 
 
 def test_text_classifier_rows_are_unit_and_template_means(tok) -> None:
-    model = tiny_clip(tok)
+    model = make_tiny_clip(tokenizer=tok, **TOWER)
     model.train()
     classes, templates = ["cat", "dog", "bird"], ["a photo of a {}.", "a drawing of a {}."]
     clf = ct.text_classifier(model, tok, classes, templates)
@@ -92,7 +85,7 @@ def test_soft_targets_hand_example() -> None:
 
 
 def test_contrastive_loss_matches_manual_and_decreases(tok) -> None:
-    model = tiny_clip(tok)
+    model = make_tiny_clip(tokenizer=tok, **TOWER).train()
     g = torch.Generator().manual_seed(0)
     images = torch.rand(6, 3, 16, 16, generator=g)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -120,7 +113,7 @@ def test_contrastive_loss_matches_manual_and_decreases(tok) -> None:
 
 
 def test_classify_and_evaluate_accuracy(tok) -> None:
-    model = tiny_clip(tok)
+    model = make_tiny_clip(tokenizer=tok, **TOWER)
     model.train()
     images, labels = torch.rand(10, 3, 16, 16), torch.tensor([0, 1] * 5)
     classes, templates = ["cat", "dog"], ["a photo of a {}."]

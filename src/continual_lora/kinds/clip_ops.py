@@ -8,123 +8,34 @@ prompt templates, and logits are ``100 * cosine``.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sharding import gather_batch
+from ..contract import Gather, no_gather
 
 IMAGE_MEAN = 0.5  # per-channel mean used by normalize_images (pretraining uses the same)
 IMAGE_STD = 0.5  # per-channel std used by normalize_images
 DEFAULT_LOGIT_SCALE = 100.0  # MTIL / DAC evaluate and fine-tune with a frozen 100 * cosine
 
 
-class WordTokenizer:
-    """Deterministic word-level tokenizer: lower-case, words and single punctuation marks.
+class TextTokenizer(Protocol):
+    """What the CLIP functions need from a tokenizer: texts -> (input_ids, attention_mask), both (B, L)
+    int64 (``models.word_tokenizer.WordTokenizer`` for the small CLIP, ``models.clip.HFTextTokenizer``
+    around a transformers tokenizer)."""
 
-    Why not CLIP's BPE: no CLIP BPE vocabulary ships with this project's dependencies, and the
-    model it feeds starts from random init and is pretrained here on a closed set of prompts,
-    so sub-word merges would buy nothing for words it never saw. Unknown words map to ``<unk>``.
-
-    Layout of a sequence: ``<sot> w1 ... wn <eos> <pad> ...`` padded to ``context_length``.
-    Ids: pad 0, unk 1, sot 2, eos 3. transformers' ``CLIPTextTransformer`` pools the hidden
-    state at the first position where ``input_ids == config.eos_token_id``, except for the
-    legacy value ``eos_token_id == 2``, where it takes ``argmax(input_ids)`` instead. EOS is
-    therefore given id 3 (never 2) and ``special_ids()`` must go into the ``CLIPTextConfig``.
-    """
-
-    PAD, UNK, SOT, EOS = "<pad>", "<unk>", "<sot>", "<eos>"
-    SPECIALS = (PAD, UNK, SOT, EOS)
-
-    def __init__(self, words: Iterable[str], context_length: int = 32) -> None:
-        if context_length < 3:
-            raise ValueError(f"context_length must be >= 3, got {context_length}")
-        extra = sorted({w for w in words if w not in self.SPECIALS})
-        self.vocab: list[str] = list(self.SPECIALS) + extra
-        self.index: dict[str, int] = {w: i for i, w in enumerate(self.vocab)}
-        self.context_length = context_length
-
-    @classmethod
-    def from_texts(cls, texts: Iterable[str], context_length: int = 32) -> WordTokenizer:
-        """Tokenizer whose vocabulary is every token of ``texts``."""
-        return cls((tok for t in texts for tok in cls.split(t)), context_length)
-
-    @staticmethod
-    def split(text: str) -> list[str]:
-        """Lower-case ``text`` and split it into words and single punctuation marks."""
-        return re.findall(r"[^\W_]+|[^\w\s]|_", text.lower())
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def word_pool(self, exclude: Iterable[str]) -> list[str]:
-        """Vocabulary words minus the specials and every word of the ``exclude`` texts."""
-        banned = {w for text in exclude for w in self.split(text)}
-        return [w for w in self.vocab[len(self.SPECIALS):] if w not in banned]
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    @property
-    def unk_id(self) -> int:
-        return 1
-
-    @property
-    def sot_id(self) -> int:
-        return 2
-
-    @property
-    def eos_id(self) -> int:
-        return 3
-
-    def special_ids(self) -> dict[str, int]:
-        """Keyword arguments for ``CLIPTextConfig`` so pooling reads the EOS position."""
-        return {"pad_token_id": self.pad_id, "bos_token_id": self.sot_id, "eos_token_id": self.eos_id}
-
-    def encode(self, text: str) -> list[int]:
-        """``[sot, w1..wn, eos]``, words truncated to fit ``context_length``."""
-        ids = [self.index.get(w, self.unk_id) for w in self.split(text)][: self.context_length - 2]
-        return [self.sot_id, *ids, self.eos_id]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Words of ``ids`` joined by spaces, special tokens dropped."""
-        return " ".join(self.vocab[i] for i in ids if i >= len(self.SPECIALS))
-
-    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> input_ids (B, L) int64 and attention_mask (B, L) int64, L = context_length."""
-        ids = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, text in enumerate(texts):
-            enc = self.encode(text)
-            ids[row, : len(enc)] = torch.tensor(enc)
-            mask[row, : len(enc)] = 1
-        return ids, mask
-
-    def save(self, path: str | Path) -> None:
-        payload = {"type": "WordTokenizer", "version": 1, "context_length": self.context_length, "vocab": self.vocab}
-        Path(path).write_text(json.dumps(payload, indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> WordTokenizer:
-        payload = json.loads(Path(path).read_text())
-        if payload.get("type") != "WordTokenizer" or list(payload["vocab"][:4]) != list(cls.SPECIALS):
-            raise ValueError(f"{path} is not a WordTokenizer file")
-        tok = cls(payload["vocab"][4:], payload["context_length"])
-        if tok.vocab != payload["vocab"]:
-            raise ValueError(f"{path}: vocabulary is not in canonical (sorted) order")
-        return tok
+        """Vocabulary words outside the ``exclude`` texts (random reference text for ZSCL)."""
+        ...
 
 
 class LabeledImages(Protocol):
-    """What ``evaluate_accuracy`` needs from a task (e.g. ``benchmarks.mtil_mini.ImageTask``)."""
+    """What ``evaluate_accuracy`` needs from a task (e.g. :class:`~continual_lora.kinds.clip.ImageTask`)."""
 
     class_names: tuple[str, ...]
     templates: tuple[str, ...]
@@ -158,7 +69,7 @@ def encode_texts(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return _features(model.get_text_features(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)))
 
 
-def text_classifier(model: nn.Module, tokenizer: WordTokenizer, class_names: Sequence[str],
+def text_classifier(model: nn.Module, tokenizer: TextTokenizer, class_names: Sequence[str],
                     templates: Sequence[str], with_grad: bool = False) -> torch.Tensor:
     """-> (C, D) unit rows: normalised mean over templates of normalised text embeddings.
 
@@ -186,19 +97,21 @@ def soft_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, text_ids: torch.Tensor,
-                     text_mask: torch.Tensor, logit_scale: float | None = DEFAULT_LOGIT_SCALE) -> torch.Tensor:
+                     text_mask: torch.Tensor, logit_scale: float | None = DEFAULT_LOGIT_SCALE,
+                     gather: Gather = no_gather) -> torch.Tensor:
     """Symmetric image-text InfoNCE with soft targets; text b is the caption of image b.
 
     logits = scale * cos(image_a, text_b) (B, B); pairs with the same label are positives.
     ``logit_scale=None`` uses the model's learnable ``exp(logit_scale)`` clamped at 100 (CLIP
-    pretraining); the default 100 is the frozen scale of the DAC release.
+    pretraining); the default 100 is the frozen scale of the DAC release. ``gather``: in a
+    data-parallel step, the rows of every rank (open_clip's ``ClipLoss(rank, world_size)``), so
+    each rank computes the loss of the global batch.
     """
-    # data-parallel training: rows of every rank, so each rank computes the global batch's loss
-    img = gather_batch(F.normalize(encode_images(model, images), dim=-1))  # (B, D)
-    txt = gather_batch(F.normalize(encode_texts(model, text_ids, text_mask), dim=-1))  # (B, D)
+    img = gather(F.normalize(encode_images(model, images), dim=-1))  # (B, D)
+    txt = gather(F.normalize(encode_texts(model, text_ids, text_mask), dim=-1))  # (B, D)
     scale = model.logit_scale.exp().clamp(max=100.0) if logit_scale is None else logit_scale
     logits = scale * img @ txt.t()  # (B, B)
-    targets = soft_targets(gather_batch(labels.to(logits.device)))
+    targets = soft_targets(gather(labels.to(logits.device)))
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 
 
@@ -213,7 +126,7 @@ def classify(model: nn.Module, images: torch.Tensor, classifier: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, tokenizer: WordTokenizer,
+def evaluate_accuracy(model: nn.Module, tokenizer: TextTokenizer,
                       data: LabeledImages | tuple[torch.Tensor, torch.Tensor],
                       class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None,
                       batch_size: int = 256, classifier: torch.Tensor | None = None) -> float:

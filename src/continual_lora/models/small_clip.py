@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,17 +23,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-from continual_lora.benchmarks.mtil_mini import (
-    DOMAINS,
-    KNOWN_DOMAINS,
-    atomic_cache_dir,
-    balanced_subset,
-    build_mtil_mini,
-    cache_dir,
-    domain_prompts,
-    load_domain,
-)
-from continual_lora.continual.clip_task import WordTokenizer, contrastive_loss, evaluate_accuracy
+from ..continual.step import Objective, adamw, optimizer_step
+from ..data.domains import DOMAINS, KNOWN_DOMAINS, balanced_subset, domain_prompts, domain_task, load_domain
+from ..kinds.clip_ops import contrastive_loss, evaluate_accuracy
+from ..runtime import Engine
+from ..storage import atomic_cache_dir, cache_dir
+from .word_tokenizer import WordTokenizer
 
 PRETRAIN_FORMAT = 1  # bump when the training recipe changes in a way the config does not show
 
@@ -176,34 +170,31 @@ def _build_mix(cfg: PretrainConfig) -> _Mix:
     return _Mix(torch.cat(images), torch.cat(labels), names, templates)
 
 
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def zero_shot_row(model: CLIPModel, tokenizer: WordTokenizer, cfg: PretrainConfig) -> dict[str, float]:
     """Zero-shot accuracy (percent) on each mtil-mini test set (the benchmark's capped subsets)."""
     names = cfg.eval_domains or DOMAINS
-    tasks = build_mtil_mini("I", shots=1, image_size=cfg.image_size, domains=[n for n in names if n in DOMAINS])
+    tasks = [domain_task(n, cfg.image_size, shots=1) for n in DOMAINS if n in names]
     return {t.name: round(evaluate_accuracy(model, tokenizer, t), 2) for t in tasks}
 
 
 def _train(cfg: PretrainConfig, tokenizer: WordTokenizer, progress: bool) -> CLIPModel:
+    """CLIP pretraining: the contrastive loss with the learnable logit scale, AdamW (no weight decay on
+    biases and norms), warm-up then cosine to 0, gradient norm clipped at 1; one step of ``continual.step``."""
     torch.manual_seed(cfg.seed)
     model = build_clip(cfg, tokenizer)
     mix = _build_mix(cfg)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer, schedule = adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], cfg.lr, cfg.weight_decay, cfg.steps,
+                                cfg.warmup)
+    engine = Engine(Objective(model, lambda m, batch: contrastive_loss(m, *batch, logit_scale=None)), optimizer)
+    params = list(model.parameters())
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    order = torch.randperm(len(mix.labels), generator=g)
-    pos = 0
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="pretrain CLIP", disable=not progress, dynamic_ncols=True)
-    for step in bar:
+    order, pos = torch.randperm(len(mix.labels), generator=g), 0
+
+    def next_batch() -> tuple[torch.Tensor, ...]:
+        nonlocal order, pos
         if pos + cfg.batch_size > len(order):
             order, pos = torch.randperm(len(mix.labels), generator=g), 0
         idx = order[pos : pos + cfg.batch_size]
@@ -213,15 +204,16 @@ def _train(cfg: PretrainConfig, tokenizer: WordTokenizer, progress: bool) -> CLI
         texts = [mix.templates[y][p % len(mix.templates[y])].format(mix.class_names[y])
                  for y, p in zip(labels.tolist(), pick.tolist())]
         ids, mask = tokenizer(texts)  # (B, L)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        loss = contrastive_loss(model, mix.images[idx], labels, ids, mask, logit_scale=None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        return mix.images[idx], labels, ids, mask
+
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="pretrain CLIP", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        out = optimizer_step(engine, next_batch, params, max_grad_norm=1.0)
+        schedule.step()
         if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{out.total.item():.3f}")
+    engine.close()
     model.eval()
     return model
 

@@ -1,0 +1,219 @@
+"""The continual trainer: train a method through a task stream, evaluate every task after every task.
+
+Model-agnostic. What a task *is* (images + class names for CLIP, conversations for a
+LLaVA-style model) is the business of a :class:`~continual_lora.contract.TaskKind`; what the
+adapters do is the business of a :class:`~continual_lora.methods.Method`; how one optimiser step
+is computed is ``step.py``; where it runs (one process, DDP, ZeRO) is the runtime's. The trainer
+only knows the schedule::
+
+    R0      = evaluate all tasks with the base model                (zero-shot row)
+    for j, task in enumerate(tasks):
+        method.begin_task; AdamW + warmup/cosine on method.trainable_parameters
+        loss = kind.loss(model, batch) + sum(method.loss_terms(model, batch, context).values())
+        method.end_task
+        R[j] = evaluate all tasks (trained and future)               (row j of the matrix)
+               (a kind with ``evaluate_future = False``: tasks 0..j; later entries repeat R0)
+        checkpoint (method state + rows so far), atomically
+
+Determinism: every task starts from ``seed`` mixed with the task index, so a run resumed at
+a task boundary replays exactly the same batches, dropout masks and initialisations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..contract import TaskContext, TaskKind
+from ..methods import Method
+from ..runtime import Runtime, enable_gradient_checkpointing, runtime_from_env
+from .checkpoint import RunState, method_dir, read_checkpoint, write_checkpoint
+from .step import Objective, TrainConfig, adamw, index_stream, optimizer_step
+
+
+def runtime_for(train: TrainConfig) -> Runtime:
+    """The runtime of this process for a run trained with ``train`` (device, precision, batch, clipping)."""
+    return runtime_from_env(train.device, train.precision, batch_size=train.batch_size, grad_accum=train.grad_accum,
+                            max_grad_norm=train.max_grad_norm)
+
+
+class ContinualTrainer:
+    """Runs ``method`` on ``model`` through ``tasks``; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        kind: TaskKind,
+        tasks: Sequence[Any],
+        config: TrainConfig,
+        checkpoint_dir: str | os.PathLike | None = None,
+        xtail: bool = False,
+        on_task_end: Callable[[RunState], None] | None = None,
+        runtime: Runtime | None = None,
+    ) -> None:
+        if not isinstance(kind, TaskKind):  # (before 0.2.0 a kind was any object with the protocol's methods)
+            raise TypeError(f"the task kind must subclass continual_lora.contract.TaskKind (its loss now takes a "
+                            f"gather: loss(model, batch, gather)), got {type(kind).__name__}")
+        # one process, or one rank of a torchrun / accelerate launch (see continual_lora.runtime)
+        self.runtime = runtime if runtime is not None else runtime_for(config)
+        self.runtime.check_batch_size(config.batch_size)
+        self.model = model.to(self.runtime.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.method = method
+        self.kind = kind
+        self.tasks = list(tasks)
+        self.config = config
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.xtail = xtail
+        self.on_task_end = on_task_end  # callback(state) after each task's checkpoint
+
+    # --- evaluation ---------------------------------------------------------------------
+    def evaluate_all(self, xtail: bool = False, label: str = "eval", base: bool = False, upto: int | None = None,
+                     fill: Sequence[float] = ()) -> list[float]:
+        """Score every task; ``base`` = the model before the method's adapters exist.
+
+        ``upto``: score tasks 0..upto only; each later task's entry is copied from ``fill``.
+        """
+        scores = []
+        bar = tqdm(self.tasks, desc=label, leave=False, disable=not (self.config.progress and self.runtime.is_main))
+        for i, task in enumerate(bar):
+            if upto is not None and i > upto:
+                scores.append(float(fill[i]))
+                continue
+            select = contextlib.nullcontext() if base else self.method.evaluating(
+                self.model, None if xtail else task.name)
+            with select:
+                scores.append(self.runtime.evaluate(self.kind, self.model, task, xtail=xtail))
+            bar.set_postfix(task=task.name, acc=f"{scores[-1]:.1f}")
+        return scores
+
+    # --- training -----------------------------------------------------------------------
+    def train_task(self, task: Any, index: int) -> tuple[float | None, float | None, int]:
+        """Train one task; returns (mean loss and mean pre-clip gradient norm over the last 10 % of
+        steps, trainable parameters)."""
+        cfg, kind, runtime = self.config, self.kind, self.runtime
+        seed = cfg.seed * 100_003 + 1_000 * (index + 1)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        context = TaskContext(task, index, self.tasks, kind, generator, batch_size=cfg.batch_size,
+                              task_steps=tuple(cfg.steps_for(kind.num_train(t)) for t in self.tasks),
+                              gather=runtime.gather)
+        self.method.begin_task(self.model, task.name, index, context)
+        params = self.method.trainable_parameters(self.model)
+        steps = self.method.train_steps(index, cfg.steps_for(kind.num_train(task)), context)
+        if steps > 0 and not params:
+            raise RuntimeError(f"{self.method.name}: no trainable parameters for task {task.name!r}")
+        optimizer, schedule = (adamw(params, cfg.lr, cfg.weight_decay, steps, int(cfg.warmup_ratio * steps),
+                                     cfg.min_lr) if steps else (None, None))
+        stream = index_stream(kind.num_train(task), cfg.batch_size, generator)
+        trainable = sum(p.numel() for p in params)  # (ZeRO-3 swaps these parameter objects when training ends)
+        objective = Objective(self.model, loss=lambda model, batch: kind.loss(model, batch, runtime.gather),
+                              terms=lambda model, batch: self.method.loss_terms(model, batch, context),
+                              autocast=runtime.autocast)
+        engine = runtime.engine(objective, optimizer)  # DDP-wrapped / a DeepSpeed engine when distributed
+
+        def next_batch() -> Any:
+            return runtime.local_batch(kind.train_batch(task, next(stream), generator), cfg.batch_size)
+
+        tail_losses: list[float] = []
+        tail_norms: list[float] = []
+        with runtime.task_rng(seed):  # distributed: per-rank dropout masks while training
+            self.model.train()
+            bar = tqdm(range(steps), desc=f"train {task.name} [{index + 1}/{len(self.tasks)}]",
+                       disable=not (cfg.progress and runtime.is_main), leave=False)
+            for step in bar:
+                out = optimizer_step(engine, next_batch, params, cfg.grad_accum, cfg.max_grad_norm)
+                schedule.step()
+                self.method.after_step(self.model)
+                value = float(out.total.detach())
+                if step >= steps - max(1, steps // 10):
+                    tail_losses.append(value)
+                    norm = out.grad_norm
+                    if norm is not None and math.isfinite(float(norm)):  # (fp16: overflow steps are skipped)
+                        tail_norms.append(float(norm))
+                bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in out.terms.items()})
+            # drop every reference to the parameters (the optimiser, its schedule, the last loss's graph)
+            # before the engine goes: DDP's gradient hooks, ZeRO-3's partitioned parameters
+            del optimizer, schedule, params
+            out = None
+            engine.close()  # DeepSpeed: ZeRO-3 parameters whole again, the engine's hooks removed
+        self.model.eval()
+        self.method.end_task(self.model, task.name, index, context)
+        runtime.check_replicas(self.model, f"after task {task.name!r}")
+        mean_loss = sum(tail_losses) / len(tail_losses) if tail_losses else None
+        mean_norm = sum(tail_norms) / len(tail_norms) if tail_norms else None
+        return mean_loss, mean_norm, trainable
+
+    # --- the schedule -------------------------------------------------------------------
+    def run(self, resume: bool = False) -> RunState:
+        state = self._load_checkpoint() if resume else None
+        if state is None:
+            state = RunState(tasks=[t.name for t in self.tasks])
+            self.model.eval()
+            state.zero_shot = self.evaluate_all(label="zero-shot", base=True)
+            if self.xtail:
+                state.xtail_zero_shot = self.evaluate_all(xtail=True, label="zero-shot x-tail", base=True)
+            torch.manual_seed(self.config.seed * 100_003)  # adapter initialisation depends on the seed only
+            self.method.attach(self.model)
+            self.model.to(self.runtime.device)
+        resumed_at = self.runtime.all_gather_object(state.completed)
+        if len(set(resumed_at)) > 1:
+            raise RuntimeError(f"ranks resumed at different task boundaries {resumed_at}: do they share the run directory?")
+        for index in range(state.completed, len(self.tasks)):
+            task = self.tasks[index]
+            start = time.perf_counter()
+            loss, norm, trainable = self.train_task(task, index)
+            state.train_losses.append(loss)
+            state.grad_norms.append(norm)
+            state.trainable_params.append(trainable)
+            future = self.kind.evaluate_future  # False (CVIT): tasks 0..index, the rest = zero-shot
+            state.matrix.append(self.evaluate_all(label=f"eval after {task.name}",
+                                                  upto=None if future else index, fill=state.zero_shot))
+            if self.xtail:
+                state.xtail_matrix.append(self.evaluate_all(xtail=True, label="eval x-tail"))
+            seconds = time.perf_counter() - start
+            state.task_seconds.append(seconds)
+            state.elapsed_s += seconds
+            self._save_checkpoint(state)
+            self.runtime.barrier()  # the checkpoint is complete before any rank moves on
+            if self.on_task_end is not None:
+                self.on_task_end(state)
+        return state
+
+    # --- checkpoints --------------------------------------------------------------------
+    def _save_checkpoint(self, state: RunState) -> None:
+        if self.checkpoint_dir is None:
+            return
+        if not self.runtime.is_main:  # rank 0 writes; the others only on request, to compare replicas
+            if self.config.dump_replicas:
+                self.method.save(self.model, str(self.checkpoint_dir / f"rank{self.runtime.rank}" / "method"))
+            return
+        state.method_state = self.method.extra_state()
+        state.kind_state = self.kind.extra_state()
+        write_checkpoint(self.checkpoint_dir, state, lambda folder: self.method.save(self.model, folder))
+
+    def _load_checkpoint(self) -> RunState | None:
+        if self.checkpoint_dir is None:
+            raise ValueError("resume needs a checkpoint directory")
+        state = read_checkpoint(self.checkpoint_dir)
+        if state is None:
+            return None
+        names = [t.name for t in self.tasks]
+        if state.tasks != names:
+            raise ValueError(f"checkpoint tasks {state.tasks} differ from this run's tasks {names}")
+        self.method.attach(self.model)
+        self.method.load(self.model, str(method_dir(self.checkpoint_dir)))
+        self.method.load_extra_state(state.method_state)
+        self.kind.load_extra_state(state.kind_state)
+        self.model.to(self.runtime.device).eval()
+        return state

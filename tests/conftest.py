@@ -10,6 +10,7 @@ model"), and returns the model in eval mode. All run on CPU in milliseconds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 from continual_lora.adapters import LoRAConfig, add_task, branches, inject_adapters
+from continual_lora.benchmarks import Benchmark, BenchmarkConfig, RunSettings, Stream
 from continual_lora.continual import ContinualTrainer, RunState, TrainConfig
 from continual_lora.contract import TaskKind
 from continual_lora.kinds.clip import ClipClassification, ImageTask
@@ -251,3 +253,40 @@ def run_stream(base: nn.Module, method: Method, kind: TaskKind, tasks: Sequence[
     trainer = continual_trainer(base, method, kind, tasks, train, tmp=tmp, stop_after=stop_after, on_end=on_end,
                                 xtail=xtail)
     return trainer.run(resume=resume), trainer
+
+
+# --- a benchmark registered the way benchmarks/<name>.py + one registry line would register it ------
+@dataclasses.dataclass
+class SyntheticConfig(BenchmarkConfig):
+    """The synthetic stream of TASKS as a benchmark (CLI tests: seconds, no data, no pretraining)."""
+
+    name: str = "synthetic"
+    tasks: int = 3  # how many of TASKS to train on
+    nan_task: int | None = None  # this task's training images are NaN: its loss diverges
+
+
+def build_synthetic(bench: SyntheticConfig, run: RunSettings) -> Stream:
+    tokenizer = stream_tokenizer()
+    tasks = TASKS[: bench.tasks]
+    if bench.nan_task is not None:
+        bad = tasks[bench.nan_task]
+        tasks[bench.nan_task] = dataclasses.replace(bad, train_images=torch.full_like(bad.train_images, float("nan")))
+    return Stream(make_tiny_clip(tokenizer=tokenizer), ClipClassification(tokenizer, tasks, device=run.device), tasks)
+
+
+SYNTHETIC_RUN = """name: synth
+benchmark: {name: synthetic, tasks: 2}
+train: {iterations: 2, batch_size: 8, progress: false}
+methods: [{name: seq_lora, rank: 2, targets: [q_proj, v_proj]}]
+"""
+
+
+@pytest.fixture
+def synthetic(monkeypatch, tmp_path) -> Path:
+    """Registers the ``synthetic`` benchmark for the test and writes a run config using it (returned)."""
+    from continual_lora.benchmarks import BENCHMARKS
+
+    monkeypatch.setitem(BENCHMARKS, "synthetic", Benchmark(SyntheticConfig, build_synthetic))  # the registry line
+    path = tmp_path / "synthetic.yaml"
+    path.write_text(SYNTHETIC_RUN)
+    return path

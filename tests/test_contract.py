@@ -228,29 +228,12 @@ def test_one_process_runtime_is_the_plain_operations() -> None:
 
 
 # --- adding a benchmark: one module (config + builder) and one registry entry ------------------------
-def test_a_new_benchmark_runs_through_the_command_line_after_one_registry_entry(tmp_path, monkeypatch) -> None:
-    from conftest import TASKS, make_tiny_clip, stream_tokenizer
-
-    from continual_lora.benchmarks import Benchmark, BenchmarkConfig, RunSettings, Stream
+def test_a_new_benchmark_runs_through_the_command_line_after_one_registry_entry(synthetic, tmp_path) -> None:
+    """conftest's ``synthetic`` fixture registers a benchmark exactly as benchmarks/<new>.py + one line of
+    benchmarks/__init__.py would (SyntheticConfig + build_synthetic)."""
     from continual_lora.cli import main
-    from continual_lora.kinds.clip import ClipClassification
 
-    @dataclasses.dataclass
-    class SyntheticConfig(BenchmarkConfig):  # what benchmarks/<new>.py would define
-        name: str = "synthetic"
-        tasks: int = 3  # how many of the synthetic tasks to train on
-
-    def build(bench: SyntheticConfig, run: RunSettings) -> Stream:
-        tokenizer = stream_tokenizer()
-        tasks = TASKS[: bench.tasks]
-        return Stream(make_tiny_clip(tokenizer=tokenizer), ClipClassification(tokenizer, tasks, device=run.device), tasks)
-
-    monkeypatch.setitem(BENCHMARKS, "synthetic", Benchmark(SyntheticConfig, build))  # the registry line
-    config = tmp_path / "run.yaml"
-    config.write_text("name: synth\nbenchmark: {name: synthetic, tasks: 2}\n"
-                      "train: {iterations: 2, batch_size: 8, progress: false}\n"
-                      "methods: [{name: seq_lora, rank: 2, targets: [q_proj, v_proj]}]\n")
-    assert main(["run", str(config), f"output_dir={tmp_path}"]) == 0
+    assert main(["run", str(synthetic), f"output_dir={tmp_path}"]) == 0
     results = json.loads((tmp_path / "synth" / "seq_lora" / "results.json").read_text())
     assert results["finished"] and results["tasks"] == ["alpha", "beta"]
-    assert results["config"]["benchmark"] == {"name": "synthetic", "tasks": 2}
+    assert results["config"]["benchmark"] == {"name": "synthetic", "tasks": 2, "nan_task": None}

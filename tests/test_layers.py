@@ -20,7 +20,8 @@ import continual_lora
 PACKAGE = Path(continual_lora.__file__).resolve().parent
 ROOT = "continual_lora"
 LAYERS: list[tuple[str, ...]] = [  # lowest first; keep in step with docs/architecture.md
-    ("version", "config", "metrics", "storage"),  # leaf utilities: import nothing of the package
+    ("errors",),  # the errors a user can fix (the CLI prints them in one line)
+    ("version", "config", "metrics", "storage"),  # leaf utilities: import nothing of the package but errors
     ("adapters",),  # the adapter core
     ("contract",),  # the method <-> kind <-> trainer contract
     ("methods",),  # continual methods, one file each
@@ -105,4 +106,4 @@ def test_importing_the_library_does_not_import_the_trainer_or_the_application() 
             "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('continual_lora.')}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out))  # noqa: S307 - our own printed list
-    assert loaded <= {"version", "storage", "adapters", "contract", "methods"}, loaded
+    assert loaded <= {"errors", "version", "storage", "adapters", "contract", "methods"}, loaded

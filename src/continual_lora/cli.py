@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from .config import ConfigError, from_dict
+from .errors import UserError
 
 
 class _Loader(yaml.SafeLoader):
@@ -28,8 +29,14 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
 # --- YAML + key=value ---------------------------------------------------------------------
@@ -39,7 +46,7 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        out.append((key.split("."), _yaml(value) if value != "" else None))
+        out.append((key.split("."), _yaml(value, f"override {item!r}") if value != "" else None))
     return out
 
 
@@ -68,7 +75,13 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    data = _yaml(path.read_text()) or {}
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a YAML run config (e.g. configs/demo.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; give a YAML run config") from None
+    data = _yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return apply_overrides(data, overrides)
@@ -89,8 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         methods = {k: v for k, v in methods.items() if k in args.method}
     main_process = process_rank() == 0  # under torchrun / accelerate launch only rank 0 reports
     run_dirs = []
-    for label, method in methods.items():
-        results = run_method(config, label, method, resume=args.resume, overwrite=args.overwrite)
+    for label, method in methods.items():  # with --resume, finished methods are skipped
+        results = run_method(config, label, method, resume=args.resume, overwrite=args.overwrite,
+                             allow_changes=tuple(args.allow_change or ()))
         run_dirs.append(Path(config.output_dir) / config.name / label)
         if main_process:
             print(f"[{label}] " + json.dumps(results["metrics"]) + f"  ({results['wall_time_s']:.0f} s)")
@@ -107,23 +121,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    """The small CLIP of a run config's ``pretrain:`` section (its defaults when it has none), or of a
+    YAML file of bare pretrain keys."""
+    import dataclasses
+
+    from .app.runner import RunConfig
     from .models.small_clip import PretrainConfig, pretrain
 
     data = load_yaml(args.config, args.overrides) if args.config else apply_overrides({}, args.overrides)
-    data = data.get("pretrain", data) if "pretrain" in data else data
-    config = from_dict(PretrainConfig, data, path="pretrain")
+    if set(data) <= {f.name for f in dataclasses.fields(PretrainConfig)}:
+        config = from_dict(PretrainConfig, data, path="pretrain")
+    else:  # a run config
+        config = from_dict(RunConfig, data).pretrain
     print(pretrain(config, progress=True))
     return 0
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from .metrics import MatrixFormatError, metrics_command
+    from .metrics import metrics_command
 
-    try:
-        print(json.dumps(metrics_command(args.matrix, protocol=args.protocol)))
-    except (MatrixFormatError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(json.dumps(metrics_command(args.matrix, protocol=args.protocol)))
     return 0
 
 
@@ -146,7 +163,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own (options and ``key=value`` overrides may mix)."""
     parser = argparse.ArgumentParser(prog="continual-lora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -154,8 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=50 seed=1")
     p.add_argument("--resume", action="store_true", help="continue from the last completed task")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory (kept until the new run writes its first checkpoint)")
     p.add_argument("--method", action="append", help="run only this method label (repeatable)")
+    p.add_argument("--allow-change", action="append", metavar="KEY",
+                   help="with --resume: accept this config key (dotted, e.g. train.device) differing from the "
+                        "checkpoint's (repeatable)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("pretrain", help="pretrain (or find cached) the small CLIP of the embedded benchmarks")
@@ -180,16 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_bench)
-    return parser
+    return parser, dict(sub.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command. An error the user can fix (:class:`~continual_lora.errors.UserError`) prints one
+    line and exits 2; Ctrl-C exits 130 saying how to resume; anything else is a bug and keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = build_parser()
+    if argv and argv[0] in commands:  # options may follow the overrides: `run cfg.yaml name=x --resume`
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)  # --help, or an unknown command: argparse's message
     try:
         return int(args.func(args))
-    except (ConfigError, FileExistsError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = (f"; every finished task is checkpointed: continue with `continual-lora run {args.config} --resume`"
+                if args.func is cmd_run else "")
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key is unknown or its value has the wrong type / range. Names the key."""
 
 
@@ -74,6 +77,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
         value = _coerce_sequence(value, hint, prefix + name)
         if not _type_ok(value, hint):
             raise ConfigError(f"config key {prefix}{name}: expected {_describe(hint)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan / .inf
+            raise ConfigError(f"config key {prefix}{name}: expected a finite number, got {value!r}")
         if isinstance(value, int) and not isinstance(value, bool) and hint is float:
             value = float(value)
         kwargs[name] = value
@@ -123,3 +128,29 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+_ABSENT = object()
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain-data configs (nested dicts compared key by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new), key=str)
+                for k in diff_keys(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], keys: list[str], most: int = 5) -> str:
+    """``train.lr 0.002 -> 0.5, methods.lilora.rank 8 -> 4`` for the first ``most`` of ``keys``."""
+
+    def get(data: Any, key: str) -> Any:
+        for part in key.split("."):
+            data = data.get(part, _ABSENT) if isinstance(data, dict) else _ABSENT
+        return data
+
+    def show(value: Any) -> str:
+        return "(absent)" if value is _ABSENT else repr(value)
+
+    text = ", ".join(f"{k} {show(get(old, k))} -> {show(get(new, k))}" for k in keys[:most])
+    return text + (f" (and {len(keys) - most} more)" if len(keys) > most else "")

@@ -43,6 +43,8 @@ from typing import Union
 
 import numpy as np
 
+from .errors import UserError
+
 MatrixLike = Union[Sequence[Sequence[float]], np.ndarray]
 Cell = Union[float, int, str, tuple, None]
 
@@ -51,7 +53,7 @@ MTIL_KEYS = ("transfer", "average", "last", "bwt", "forgetting")
 CVIT_KEYS = ("ap", "map", "bwt")
 
 
-class MatrixFormatError(ValueError):
+class MatrixFormatError(UserError, ValueError):
     """An accuracy-matrix CSV (or array) does not have the documented shape or content."""
 
 
@@ -138,8 +140,19 @@ def mean_average_performance(R: MatrixLike) -> float:
 map_score = mean_average_performance
 
 
+def _check_range(R: MatrixLike, low: float, high: float, what: str) -> None:
+    """Raise naming the first entry of R outside [low, high]."""
+    m = _as_matrix(R)
+    bad = np.argwhere((m < low) | (m > high))
+    if len(bad):
+        j, i = (int(v) for v in bad[0])
+        raise ValueError(f"{what}; R[{j}][{i}] (row {j + 1}, task {i + 1}) is {m[j, i]:g}")
+
+
 def mtil_metrics(R: MatrixLike) -> dict[str, float]:
-    """The MTIL report: transfer, average, last, bwt, forgetting (percent)."""
+    """The MTIL report: transfer, average, last, bwt, forgetting (percent). Entries are accuracies:
+    anything outside [0, 100] is an error."""
+    _check_range(R, 0.0, 100.0, "MTIL scores are accuracies in percent, within [0, 100]")
     return {
         "transfer": transfer(R),
         "average": average(R),
@@ -150,7 +163,8 @@ def mtil_metrics(R: MatrixLike) -> dict[str, float]:
 
 
 def cvit_metrics(R: MatrixLike) -> dict[str, float]:
-    """The CVIT report: ap, map, bwt (percent)."""
+    """The CVIT report: ap, map, bwt (percent). Entries must be >= 0 (CIDEr x 100 may exceed 100)."""
+    _check_range(R, 0.0, math.inf, "CVIT scores are >= 0")
     return {"ap": ap(R), "map": mean_average_performance(R), "bwt": bwt(R)}
 
 
@@ -175,8 +189,17 @@ def _parse_cell(text: str, row_label: str, column: str) -> float:
 
 def read_matrix_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """Read an accuracy-matrix CSV (format in the module docstring) -> (task_names, R)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except FileNotFoundError:
+        raise MatrixFormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise MatrixFormatError(f"{path} is a directory; give the accuracy_matrix.csv inside a run directory") from None
+    except UnicodeDecodeError:
+        raise MatrixFormatError(f"{path} is not a UTF-8 text file; expected an accuracy-matrix CSV") from None
+    except csv.Error as err:
+        raise MatrixFormatError(f"{path}: not a CSV file ({err})") from None
     if not rows:
         raise MatrixFormatError(f"{path}: empty file, expected a header row of task names")
     header = [cell.strip() for cell in rows[0]]
@@ -191,20 +214,38 @@ def read_matrix_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         raise MatrixFormatError(f"{path}: duplicate task names in header: {', '.join(dups)}")
 
     values = []
+    labels = []
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise MatrixFormatError(
                 f"{path}: ragged row at line {line}: {len(row)} cells, header has {len(header)}"
             )
         label = row[0].strip() if has_after else f"line {line}"
+        labels.append(label)
         cells = row[1:] if has_after else row
         values.append([_parse_cell(c, label, n) for c, n in zip(cells, names)])
+    if has_after:
+        _check_row_labels(path, labels, names)
     if len(values) != len(names):
         raise MatrixFormatError(
             f"{path}: matrix is not square: {len(values)} rows for {len(names)} tasks "
             f"(need one row per training step)"
         )
     return names, np.array(values, dtype=np.float64)
+
+
+def _check_row_labels(path: str | os.PathLike, labels: list[str], names: list[str]) -> None:
+    """Row j must be labelled with task j's name or index (all 0-based or all 1-based), or be blank:
+    a label naming another task means the rows are not in training order."""
+    conventions = {"names": names, "0-based indices": [str(j) for j in range(len(names))],
+                   "1-based indices": [str(j + 1) for j in range(len(names))]}
+    given = [(j, label) for j, label in enumerate(labels) if label]
+    if not given or any(all(label == want[j] for j, label in given if j < len(want)) for want in conventions.values()):
+        return
+    j, label = next((j, label) for j, label in given if j >= len(names) or label != names[j])
+    expected = names[j] if j < len(names) else "(no such task)"
+    raise MatrixFormatError(f"{path}: row {j + 1} is labelled {label!r} but row {j + 1} must hold the scores after "
+                            f"training task {expected!r} (rows in training order, as in the header)")
 
 
 def write_matrix_csv(
@@ -266,7 +307,10 @@ def metrics_command(path: str | os.PathLike, protocol: str = "mtil") -> dict[str
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
     _, R = read_matrix_csv(path)
-    return {k: round(v, 4) for k, v in PROTOCOLS[protocol](R).items()}
+    try:
+        return {k: round(v, 4) for k, v in PROTOCOLS[protocol](R).items()}
+    except ValueError as err:
+        raise MatrixFormatError(f"{path}: {err}") from None
 
 
 def _format_cell(value: Cell) -> str:

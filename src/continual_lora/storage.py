@@ -6,6 +6,7 @@ ships inside pip packages. One home for these, used by every layer that touches 
 * :func:`atomic_write`: a file appears whole or not at all (write a temporary sibling, then rename).
 * :func:`atomic_cache_dir`: the same for a directory; a concurrent writer that finished first wins.
 * :func:`package_file`: a file inside an installed package, found without importing the package.
+* :func:`cached`: load a cache entry, building it when missing and again when it fails to load.
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+from .errors import UserError
 
 _find_spec = importlib.util.find_spec  # module-level so tests can monkeypatch the lookup
+T = TypeVar("T")
 
 
-class MissingDataPackageError(ImportError):
+class MissingDataPackageError(UserError, ImportError):
     """A pip package that carries data or weights (images, a GGUF model) is not installed."""
 
 
@@ -68,6 +74,23 @@ def atomic_cache_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cached(path: Path, load: Callable[[], T], build: Callable[[], object]) -> T:
+    """``load()`` of the cache entry at ``path`` (a file or a directory). A missing entry is built first;
+    one that fails to load (truncated, corrupt) is removed with a warning naming it and built again."""
+    if path.exists():
+        try:
+            return load()
+        except Exception as err:  # whatever the reader raises on a damaged file
+            warnings.warn(f"cache entry {path} is unreadable ({type(err).__name__}: {err}); rebuilding it",
+                          RuntimeWarning, stacklevel=2)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    build()
+    return load()
 
 
 def package_file(module: str, pip_spec: str, relpath: str) -> Path:

@@ -25,7 +25,7 @@ from .inject import (
     unmerge,
     use_task,
 )
-from .io import load_adapter, read_adapter_config, save_adapter
+from .io import load_adapter, read_adapter_config, read_adapter_tensors, save_adapter
 from .layers import AdaptedLinear, AdaptedModule, AdaptedMultiheadAttention
 from .lora import LoRABranch, LoRAConfig
 
@@ -34,6 +34,6 @@ __all__ = [
     "AdapterConfig", "LoRABranch", "LoRAConfig", "ParamCount", "UnknownTaskError", "adapted_layers",
     "add_task", "branches", "candidate_names", "config_from_dict", "delta_weights", "disable_adapters",
     "inject_adapters", "load_adapter", "merge", "parameter_counts", "parameter_table",
-    "read_adapter_config", "register_adapter", "save_adapter", "set_task", "sites", "unload",
+    "read_adapter_config", "read_adapter_tensors", "register_adapter", "save_adapter", "set_task", "sites", "unload",
     "unmerge", "use_task",
 ]

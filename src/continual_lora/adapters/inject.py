@@ -128,19 +128,28 @@ def _require_adapters(model: nn.Module) -> dict[str, AdaptedModule]:
 def add_task(model: nn.Module, task: str) -> None:
     """Create ``task``'s state in every branch and make it the active task."""
     check_task_name(task)
+    _require_adapters(model)
     for branch in branches(model).values():
         branch.add_task(task)
         branch.set_task(task)
 
 
 def set_task(model: nn.Module, task: str | None) -> None:
-    """Select the task whose adapter the forward pass uses (an unknown id is an error)."""
+    """Select the task whose adapter the forward pass uses (an unknown id is an error).
+
+    While a task is merged into the base weights the forward pass is that task's whatever is
+    selected, so selecting another task then is an error: :func:`unmerge` first."""
+    merged = {layer.merged_task for layer in _require_adapters(model).values() if layer.merged}
+    if merged and merged != {task}:
+        raise RuntimeError(f"the model has task {sorted(map(str, merged))[0]!r} merged into its weights, so its "
+                           f"forward pass cannot use task {task!r}; call unmerge(model) first")
     for branch in branches(model).values():
         branch.set_task(task)
 
 
 @contextlib.contextmanager
 def use_task(model: nn.Module, task: str | None) -> Iterator[None]:
+    """Run the block with ``task`` selected (see :func:`set_task`), then restore the selection."""
     previous = {name: b.active_task for name, b in branches(model).items()}
     set_task(model, task)
     try:

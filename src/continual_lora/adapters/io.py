@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import AdapterFileError
 from ..storage import atomic_write
 from ..version import __version__
 from .base import config_from_dict
-from .inject import CONFIG_ATTR, adapted_layers, branches, inject_adapters, sites
+from .inject import CONFIG_ATTR, adapted_layers, branches, inject_adapters, sites, unload
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -35,7 +36,11 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the adapters of ``model`` (each file atomically) and return the directory."""
+    """Write the adapters of ``model`` (each file atomically) and return the directory.
+
+    The files hold the adapters' own tensors, which merging does not change: a model saved while a
+    task is merged into its weights loads into a fresh base model as the unmerged adapters.
+    """
     config = getattr(model, CONFIG_ATTR, None)
     found = branches(model)
     if config is None or not found:
@@ -49,7 +54,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict[str
         "config": config.to_dict(),
         "tasks": list(first.tasks),
         "active_task": first.active_task,
-        "merged": any(layer.merged for layer in adapted_layers(model).values()),
         "layers": {name: [b.out_features, b.in_features] for name, b in found.items()},
         "extra": extra or {},
     }
@@ -60,21 +64,62 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict[str
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(directory) / CONFIG_NAME).read_text())
+    """The ``adapter_config.json`` of a saved adapter; an unreadable file names itself."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path} does not exist: {directory} holds no saved adapter") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{path} is unreadable or corrupt ({err}); save the adapter again") from None
+    if not isinstance(meta, dict) or not {"config", "tasks"} <= set(meta):
+        raise AdapterFileError(f"{path} is not an adapter config (no 'config' / 'tasks' entries)")
+    return meta
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter (on CPU); a truncated or corrupt file names itself."""
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        return load_file(str(path), device="cpu")
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path} does not exist: {directory} holds no saved adapter") from None
+    except Exception as err:  # safetensors raises its own SafetensorError on truncated / corrupt files
+        raise AdapterFileError(f"{path} is unreadable or corrupt ({err}); save the adapter again") from None
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Inject the saved adapters into a freshly built base ``model`` and load their weights.
 
-    Raises ``ValueError`` naming the layer and both shapes when the file does not fit.
+    Every tensor is checked before any is loaded: a file that does not fit raises
+    :class:`~continual_lora.errors.AdapterFileError` naming the layer and both shapes, and when this
+    call injected the adapters the model is given back unchanged (the original modules).
     """
     directory = Path(directory)
     meta = read_adapter_config(directory)
-    if meta.get("merged"):
-        raise ValueError(f"{directory} was saved while merged; save adapters unmerged")
-    if not adapted_layers(model):
+    state = read_adapter_tensors(directory)
+    injected = not adapted_layers(model)
+    if injected:
+        trainable = [p for p in model.parameters() if p.requires_grad]  # inject_adapters freezes them
         inject_adapters(model, config_from_dict(meta["config"]))
-    state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+    try:
+        loads = _match_tensors(model, meta, state)
+    except Exception:
+        if injected:  # the model as it was: original modules, original requires_grad
+            unload(model, merge=False)
+            for p in trainable:
+                p.requires_grad_(True)
+        raise
+    for branch, base_weight, mine in loads:  # all checked: load, then fold recorded updates into W0
+        branch.load_state_dict(mine, strict=True)
+        branch.restore(base_weight)
+        branch.set_task(meta.get("active_task"))
+    return model
+
+
+def _match_tensors(model: nn.Module, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> list[tuple[Any, ...]]:
+    """(branch, base weight, its tensors) for every adapted weight, each checked against the file."""
+    loads = []
     consumed: set[str] = set()
     for name, branch, base_weight in sites(model):
         for task in meta["tasks"]:
@@ -86,17 +131,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         consumed.update(prefix + k for k in mine)
         missing = sorted(set(own) - set(mine))
         if missing:
-            raise ValueError(f"layer {name!r}: adapter file has no tensors {missing}")
+            raise AdapterFileError(f"layer {name!r}: adapter file has no tensors {missing}")
         for key, value in mine.items():
             if tuple(own[key].shape) != tuple(value.shape):
-                raise ValueError(
+                raise AdapterFileError(
                     f"layer {name!r} tensor {key!r}: adapter file has shape {tuple(value.shape)}, "
                     f"model has {tuple(own[key].shape)}"
                 )
-        branch.load_state_dict(mine, strict=True)
-        branch.restore(base_weight)
-        branch.set_task(meta.get("active_task"))
+        loads.append((branch, base_weight, mine))
     stray = sorted(set(state) - consumed)
     if stray:
-        raise ValueError(f"adapter file has tensors the model's adapters lack: {stray[:5]}")
-    return model
+        raise AdapterFileError(f"adapter file has tensors the model's adapters lack: {stray[:5]}")
+    return loads

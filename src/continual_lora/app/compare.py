@@ -2,40 +2,43 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import metrics
+from ..errors import RunDirError
 from . import plots
-from .runner import RESULTS
-
-
-def load_results(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / RESULTS
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no {RESULTS} (not a run directory)")
-    return json.loads(path.read_text())
+from .rundir import load_results
 
 
 def compare(run_dirs: list[str | Path], plot_path: str | Path | None = None) -> str:
     """Markdown table (method x metric, mean ± std over runs with the same label) + a plot.
 
     Plain files among ``run_dirs`` are skipped (``runs/x/*`` also matches the comparison plot a
-    previous run wrote there); a directory without results is an error."""
+    previous run wrote there); a missing directory, one without results, an unfinished run or runs
+    of different protocols are one-line errors."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     for d in run_dirs:
         if Path(d).is_file():
             continue
+        if not Path(d).exists():
+            raise RunDirError(f"{d} does not exist (a shell pattern that matched nothing is passed on as it is)")
         res = load_results(d)
-        if not res.get("finished"):
-            raise ValueError(f"{d}: run is not finished")
+        if not res.get("finished") or not isinstance(res.get("metrics"), dict):
+            raise RunDirError(f"{d}: the run is not finished; finish it with `continual-lora run <config> --resume`")
         grouped.setdefault(res.get("label", res["method"]), []).append(res)
+    if not grouped:
+        raise RunDirError(f"no run directories among {[str(d) for d in run_dirs][:5]}: give runs/<name>/<method> "
+                          "directories (or runs/<name>/*)")
     names = list(next(iter(grouped.values()))[0]["metrics"])
     rows: dict[str, dict[str, Any]] = {}
     for label, runs in grouped.items():
+        for run in runs:
+            if list(run["metrics"]) != names:
+                raise RunDirError(f"{label} reports metrics {list(run['metrics'])}, other runs {names}: compare runs "
+                                  "of one protocol (MTIL or CVIT) at a time")
         row: dict[str, Any] = {}
         for key in names:
             vals = torch.tensor([r["metrics"][key] for r in runs], dtype=torch.float64)
@@ -46,5 +49,9 @@ def compare(run_dirs: list[str | Path], plot_path: str | Path | None = None) -> 
         row["seeds"] = str(len(runs))
         rows[label] = row
     if plot_path is not None:
-        plots.comparison(rows, names, plot_path)
+        try:
+            plots.comparison(rows, names, plot_path)
+        except OSError as err:
+            raise RunDirError(f"cannot write the comparison plot {plot_path} ({err.strerror or err}); "
+                              "pass --plot with a writable path") from None
     return metrics.format_metrics_table(rows, names + ["trainable", "stored", "wall_time_s", "seeds"])

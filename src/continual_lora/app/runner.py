@@ -9,10 +9,10 @@ by the method's own config dataclass.
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
+import math
 import platform
 import resource
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,8 @@ from ..config import ConfigError, from_dict, to_dict
 from ..continual import ContinualTrainer, RunState, TrainConfig, runtime_for
 from ..methods import METHODS, Method
 from ..models import ModelConfig, PretrainConfig
-from ..storage import atomic_write
 from ..version import __version__
-from . import plots
-
-RESULTS = "results.json"
-
+from .rundir import RunDirectory, finished_results, write_artefacts, write_results
 
 @dataclass
 class RunConfig:
@@ -50,6 +46,8 @@ class RunConfig:
     methods: list[dict] = field(default_factory=lambda: [{"name": "seq_lora"}])  # method entries
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ValueError(f"logit_scale must be a finite number > 0 (logits = scale * cosine), got {self.logit_scale}")
         if not self.methods:
             raise ValueError("methods: list at least one method")
         labels = [m.get("label", m.get("name")) for m in self.methods]
@@ -89,18 +87,6 @@ def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished or partial run unless asked to."""
-    results = run_dir / RESULTS
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    elif results.exists() and json.loads(results.read_text()).get("finished"):
-        raise FileExistsError(f"{run_dir} already holds a finished run; pass --overwrite or pick another name")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise FileExistsError(f"{run_dir} holds a partial run; pass --resume to continue it or --overwrite")
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def results_dict(config: RunConfig, label: str, method: Method, state: RunState, model: torch.nn.Module,
@@ -147,49 +133,85 @@ def results_dict(config: RunConfig, label: str, method: Method, state: RunState,
     return out
 
 
-def write_results(run_dir: Path, results: dict[str, Any]) -> None:
-    atomic_write(run_dir / RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)), mode=0o644)
-    if results["finished"]:
-        metrics.write_matrix_csv(run_dir / "accuracy_matrix.csv", results["tasks"], results["matrix"],
-                                 zero_shot=results["zero_shot"])
-        plots.accuracy_heatmap(results, run_dir / "accuracy_matrix.png")
-        plots.task_curves(results, run_dir / "curves.png")
+ALWAYS_ALLOWED_CHANGES = ("output_dir", "train.progress", "train.dump_replicas")  # resume: no effect on results
 
 
-def run_method(config: RunConfig, label: str, method: Method, resume: bool = False,
-               overwrite: bool = False, log: Any = print) -> dict[str, Any]:
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """12 hex digits of SHA-256 over every tensor's name, shape, dtype and up to 4096 evenly spaced values:
+    recorded in results.json, so that a rebuilt cache that changes the base model is visible."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return digest.hexdigest()[:12]
+
+
+def run_method(config: RunConfig, label: str, method: Method, resume: bool = False, overwrite: bool = False,
+               log: Any = print, allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train ``method`` through the benchmark; write and return its results.
 
-    Under torchrun / accelerate launch every rank calls this; rank 0 alone writes the run
-    directory (see :mod:`continual_lora.runtime`).
+    ``resume``: continue from the run directory's checkpoint (a finished run only gets its artefacts
+    written again); ``allow_changes``: config keys that may differ from the checkpoint's. Under
+    torchrun / accelerate launch every rank calls this; rank 0 alone writes the run directory (see
+    :mod:`continual_lora.runtime`) and holds its lock.
     """
     benchmark = BENCHMARKS[config.benchmark.name]
     benchmark.check(config.benchmark, run_settings(config))  # e.g. a missing model fails before anything runs
     runtime = runtime_for(config.train)
     if runtime.device != config.train.device:  # "cuda" -> this rank's "cuda:<local rank>"
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=runtime.device))
-    run_dir = Path(config.output_dir) / config.name / label
-    runtime.on_main(prepare_run_dir, run_dir, resume, overwrite)
+    directory = RunDirectory(Path(config.output_dir) / config.name / label)
+    if resume and not overwrite and (done := finished_results(directory.path)) is not None:
+        if runtime.is_main:
+            write_artefacts(directory.path, done)
+            log(f"[{label}] already finished in {directory.path}: nothing to train (plots and CSV written again)")
+        runtime.barrier()
+        return done
+    runtime.on_main(directory.acquire)
+    try:
+        runtime.on_main(directory.prepare, resume, overwrite)
+        results = _run(config, label, method, benchmark, runtime, directory, resume, log,
+                       ALWAYS_ALLOWED_CHANGES + tuple(allow_changes))
+    except BaseException:
+        if runtime.is_main:
+            directory.abandon()  # (--overwrite: the replaced run comes back if no checkpoint was written)
+        raise
+    finally:
+        if runtime.is_main:
+            directory.release()
+    return results
+
+
+def _run(config: RunConfig, label: str, method: Method, benchmark: Any, runtime: Any, directory: RunDirectory,
+         resume: bool, log: Any, allow_changes: tuple[str, ...]) -> dict[str, Any]:
     with runtime.main_first():  # rank 0 fills the data and model caches, then the others read them
         model, kind, tasks, xtail = benchmark.build(config.benchmark, run_settings(config))
+    base = weights_fingerprint(model)
     train = config.train
     if train.seed != config.seed:
         train = TrainConfig(**{**to_dict(train), "seed": config.seed})
 
     def results_of(state: RunState) -> dict[str, Any]:
-        out = {**results_dict(config, label, method, state, model, kind.protocol), "runtime": runtime.describe()}
+        out = {**results_dict(config, label, method, state, model, kind.protocol), "runtime": runtime.describe(),
+               "base_model": base, "threads": torch.get_num_threads()}
         return kind.extra_results(out)  # a kind's own numbers (cvit: MIF)
 
-    trainer = ContinualTrainer(
-        model, method, kind, tasks, train, checkpoint_dir=run_dir, xtail=xtail,
-        on_task_end=(lambda state: write_results(run_dir, results_of(state))) if runtime.is_main else None,
-        runtime=runtime,
-    )
+    def on_task_end(state: RunState) -> None:
+        directory.started()  # a checkpoint of the new run exists: a run it replaces can go
+        write_results(directory.path, results_of(state))
+
+    record = {**to_dict(config), "methods": {label: to_dict(method.config)}}
+    trainer = ContinualTrainer(model, method, kind, tasks, train, checkpoint_dir=directory.path, xtail=xtail,
+                               on_task_end=on_task_end if runtime.is_main else None, runtime=runtime,
+                               record=record, allow_changes=allow_changes,
+                               log=(lambda message: log(f"[{label}] {message}")) if runtime.is_main else None)
     if runtime.is_main:
-        log(f"[{label}] {len(tasks)} tasks: {', '.join(t.name for t in tasks)} -> {run_dir}")
+        log(f"[{label}] {len(tasks)} tasks: {', '.join(t.name for t in tasks)} -> {directory.path}")
     state = trainer.run(resume=resume)
     results = results_of(state)
     if runtime.is_main:
-        write_results(run_dir, results)
+        write_results(directory.path, results)
     runtime.barrier()
     return results

@@ -156,6 +156,16 @@ class CvitMiniConfig(BenchmarkConfig):
     max_new_tokens: int | None = None  # greedy tokens per answer (None: by answer format)
     evaluate_future: bool = True  # false = after task k score tasks 0..k only (CVIT's triangle)
 
+    def __post_init__(self) -> None:
+        for key in ("max_train_per_task", "max_test_per_task"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"benchmark.{key} must be > 0 or null, got {getattr(self, key)}")
+        if self.domains is not None:
+            unknown = sorted(set(self.domains) - set(CVIT_MINI_TASKS))
+            if not self.domains or unknown:
+                raise ValueError(f"benchmark.domains must list some of {list(CVIT_MINI_TASKS)} (or be null "
+                                 f"for all), got {self.domains}")
+
 
 def check(bench: CvitMiniConfig, run: RunSettings) -> None:
     if bench.image_size != run.pretrain.image_size:

@@ -42,6 +42,16 @@ class MtilMiniConfig(BenchmarkConfig):
             raise ValueError(f"benchmark.order must be one of {sorted(ORDERS)}, got {self.order!r}")
         if self.shots is not None and self.shots <= 0:
             raise ValueError(f"benchmark.shots must be > 0 or null, got {self.shots}")
+        if self.image_size < 4:
+            raise ValueError(f"benchmark.image_size must be >= 4 pixels, got {self.image_size}")
+        for key in ("max_train_per_task", "max_test_per_task"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"benchmark.{key} must be > 0, got {getattr(self, key)}")
+        if self.domains is not None:
+            unknown = sorted(set(self.domains) - set(DOMAINS))
+            if not self.domains or unknown:
+                raise ValueError(f"benchmark.domains must list some of {list(DOMAINS)} (or be null for all), "
+                                 f"got {self.domains}")
         if self.train_templates not in ("first", "all"):
             raise ValueError(f"benchmark.train_templates must be 'first' or 'all', got {self.train_templates!r}")
 
@@ -68,7 +78,11 @@ def build_mtil_mini(order: str = "I", shots: int | None = 5, image_size: int = 3
 
 
 def check(bench: MtilMiniConfig, run: RunSettings) -> None:
-    check_model(run.model, bench.image_size)  # a missing model fails before anything runs
+    """A missing model, or images of a size the model does not take, fail before anything runs."""
+    check_model(run.model, bench.image_size)
+    if run.model.source == "pretrained-tiny" and bench.image_size != run.pretrain.image_size:
+        raise ConfigError(f"benchmark.image_size is {bench.image_size} but the small CLIP takes "
+                          f"pretrain.image_size={run.pretrain.image_size} px images: set both to the same value")
 
 
 def build(bench: MtilMiniConfig, run: RunSettings) -> Stream:

@@ -1,19 +1,24 @@
 """What a run has produced so far (:class:`RunState`) and its checkpoint on disk, written atomically.
 
 ``<run dir>/checkpoint/`` holds ``state.json`` (the RunState: accuracy rows so far, losses, method
-and kind records) and ``method/`` (the method's adapters as safetensors + JSON, see
-``Method.save``). A new checkpoint is built beside the old one and swapped in by two renames; a
-crash between them leaves ``.checkpoint.old``, which :func:`read_checkpoint` recovers.
+and kind records, the run's config, the SHA-256 of every method file) and ``method/`` (the method's
+adapters as safetensors + JSON, see ``Method.save``). A new checkpoint is built beside the old one
+and swapped in by two renames; a crash between them leaves ``.checkpoint.old``, which
+:func:`read_checkpoint` recovers. A file whose bytes no longer match its recorded SHA-256 (a
+same-size corruption would otherwise load silently) is refused with a message naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
+
+from ..errors import CheckpointError
 
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
@@ -36,6 +41,8 @@ class RunState:
     elapsed_s: float = 0.0
     method_state: dict[str, Any] = field(default_factory=dict)
     kind_state: dict[str, Any] = field(default_factory=dict)  # a kind's own record (instruction tuning: MIF log)
+    config: dict[str, Any] = field(default_factory=dict)  # the run's effective config (resume compares it)
+    checksums: dict[str, str] = field(default_factory=dict)  # SHA-256 of each method file, by relative path
 
     @property
     def completed(self) -> int:
@@ -56,7 +63,9 @@ def write_checkpoint(directory: Path, state: RunState, save_method: Callable[[st
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     save_method(str(tmp / METHOD))
-    (tmp / STATE).write_text(json.dumps(asdict(state), indent=1))
+    state.checksums = {path.relative_to(tmp).as_posix(): sha256(path)
+                       for path in sorted((tmp / METHOD).rglob("*")) if path.is_file()}
+    (tmp / STATE).write_text(json.dumps(asdict(state), indent=1, allow_nan=False))
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -72,9 +81,28 @@ def read_checkpoint(directory: Path) -> RunState | None:
         if not (old / STATE).exists():
             return None
         os.replace(old, final)
-    state = RunState(**json.loads((final / STATE).read_text()))
+    path = final / STATE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        state = RunState(**{k: v for k, v in data.items() if k in {f.name for f in fields(RunState)}})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"{path} is unreadable or corrupt ({err}); start the run again with --overwrite") from None
     state.grad_norms += [None] * (len(state.train_losses) - len(state.grad_norms))  # older checkpoints
+    for rel, digest in state.checksums.items():
+        file = final / rel
+        if not file.is_file() or sha256(file) != digest:
+            raise CheckpointError(f"{file} is missing or does not match the SHA-256 recorded in {path} (corrupted on "
+                                  "disk?); restore it, or start the run again with --overwrite")
     return state
+
+
+def sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def method_dir(directory: Path) -> Path:

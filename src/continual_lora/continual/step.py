@@ -52,17 +52,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs is None and (self.iterations is None or self.iterations <= 0):
             raise ValueError("train.iterations must be a positive integer (or set train.epochs)")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"train.epochs must be a finite number > 0, got {self.epochs}")
         for key in ("batch_size", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        # (written as "not (x > 0)" so that NaN fails too)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr must be in [0, train.lr={self.lr}], got {self.min_lr}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"train.max_grad_norm must be a finite number > 0 or null (no clipping), "
+                             f"got {self.max_grad_norm}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        try:
+            kind = torch.device(self.device).type
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"train.device {self.device!r} is not a device: use cpu, cuda or cuda:<index>") from err
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"train.device {self.device!r}: the trainer runs on cpu or cuda (cuda:<index>)")
 
     def steps_for(self, num_train: int) -> int:
         """Optimiser steps for a task of ``num_train`` samples."""

@@ -22,21 +22,35 @@ a task boundary replays exactly the same batches, dropout masks and initialisati
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters import branches
 from ..contract import TaskContext, TaskKind
+from ..config import describe_changes, diff_keys
+from ..errors import CheckpointError, DivergenceError, UserError
 from ..methods import Method
 from ..runtime import Runtime, enable_gradient_checkpointing, runtime_from_env
-from .checkpoint import RunState, method_dir, read_checkpoint, write_checkpoint
+from .checkpoint import CHECKPOINT, RunState, method_dir, read_checkpoint, write_checkpoint
 from .step import Objective, TrainConfig, adamw, index_stream, optimizer_step
+
+
+FP16_SKIP_LIMIT = 20  # fp16: consecutive non-finite losses (steps the loss scaler skips) before a run diverged
+
+
+def _non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """None if every floating-point tensor is finite, else what is not."""
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return f"{len(bad)} tensors are not finite, e.g. {bad[:3]}" if bad else None
 
 
 def runtime_for(train: TrainConfig) -> Runtime:
@@ -59,7 +73,13 @@ class ContinualTrainer:
         xtail: bool = False,
         on_task_end: Callable[[RunState], None] | None = None,
         runtime: Runtime | None = None,
+        record: dict[str, Any] | None = None,
+        allow_changes: Sequence[str] = (),
+        log: Callable[[str], None] | None = None,
     ) -> None:
+        """``record``: the run's effective config as plain data, kept in the checkpoint; a resumed run
+        whose record differs is refused, except in the dotted keys of ``allow_changes`` (a key names
+        its whole subtree). ``log``: where resume messages go (None: nowhere)."""
         if not isinstance(kind, TaskKind):  # (before 0.2.0 a kind was any object with the protocol's methods)
             raise TypeError(f"the task kind must subclass continual_lora.contract.TaskKind (its loss now takes a "
                             f"gather: loss(model, batch, gather)), got {type(kind).__name__}")
@@ -76,6 +96,9 @@ class ContinualTrainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.xtail = xtail
         self.on_task_end = on_task_end  # callback(state) after each task's checkpoint
+        self.record = json.loads(json.dumps(record or {}))  # as the checkpoint will hold it
+        self.allow_changes = tuple(allow_changes)
+        self.log = log or (lambda message: None)
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate_all(self, xtail: bool = False, label: str = "eval", base: bool = False, upto: int | None = None,
@@ -127,6 +150,8 @@ class ContinualTrainer:
 
         tail_losses: list[float] = []
         tail_norms: list[float] = []
+        skipped = 0  # consecutive non-finite losses (fp16: the loss scaler skips such steps)
+        diverged: str | None = None
         with runtime.task_rng(seed):  # distributed: per-rank dropout masks while training
             self.model.train()
             bar = tqdm(range(steps), desc=f"train {task.name} [{index + 1}/{len(self.tasks)}]",
@@ -135,7 +160,11 @@ class ContinualTrainer:
                 out = optimizer_step(engine, next_batch, params, cfg.grad_accum, cfg.max_grad_norm)
                 schedule.step()
                 self.method.after_step(self.model)
-                value = float(out.total.detach())
+                value = float(out.total.detach())  # the same global loss on every rank
+                skipped = 0 if math.isfinite(value) else skipped + 1
+                if skipped > (FP16_SKIP_LIMIT if cfg.precision == "fp16" else 0):
+                    diverged = f"at step {step + 1}/{steps} the loss is {value}"
+                    break
                 if step >= steps - max(1, steps // 10):
                     tail_losses.append(value)
                     norm = out.grad_norm
@@ -147,18 +176,33 @@ class ContinualTrainer:
             del optimizer, schedule, params
             out = None
             engine.close()  # DeepSpeed: ZeRO-3 parameters whole again, the engine's hooks removed
+        diverged = diverged or _non_finite((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        if diverged is not None:
+            raise self._divergence(task, index, diverged)
         self.model.eval()
         self.method.end_task(self.model, task.name, index, context)
+        diverged = _non_finite((f"{n}.{k}", v) for n, b in branches(self.model).items() for k, v in b.state_dict().items())
+        if diverged is not None:  # e.g. a merge or a Fisher estimate of non-finite values at the task's end
+            raise self._divergence(task, index, f"after {self.method.name}'s end of task {diverged}")
         runtime.check_replicas(self.model, f"after task {task.name!r}")
         mean_loss = sum(tail_losses) / len(tail_losses) if tail_losses else None
         mean_norm = sum(tail_norms) / len(tail_norms) if tail_norms else None
         return mean_loss, mean_norm, trainable
 
+    def _divergence(self, task: Any, index: int, what: str) -> DivergenceError:
+        kept = (f"the checkpoint after task {index} ({self.tasks[index - 1].name!r}) is kept" if index
+                else "no checkpoint was written")
+        where = f" in {self.checkpoint_dir}" if self.checkpoint_dir is not None and index else ""
+        resume = " (or continue from it: --resume --allow-change train.lr)" if index else ""
+        return DivergenceError(f"training diverged on task {task.name!r} ({index + 1}/{len(self.tasks)}): {what}; "
+                               f"nothing of this task was saved and {kept}{where}. Lower train.lr (now "
+                               f"{self.config.lr:g}) or check the method's settings, then run again{resume}")
+
     # --- the schedule -------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunState:
         state = self._load_checkpoint() if resume else None
         if state is None:
-            state = RunState(tasks=[t.name for t in self.tasks])
+            state = RunState(tasks=[t.name for t in self.tasks], config=self.record)
             self.model.eval()
             state.zero_shot = self.evaluate_all(label="zero-shot", base=True)
             if self.xtail:
@@ -207,12 +251,25 @@ class ContinualTrainer:
             raise ValueError("resume needs a checkpoint directory")
         state = read_checkpoint(self.checkpoint_dir)
         if state is None:
+            self.log(f"--resume: no checkpoint in {self.checkpoint_dir}; starting from the first task")
             return None
         names = [t.name for t in self.tasks]
         if state.tasks != names:
-            raise ValueError(f"checkpoint tasks {state.tasks} differ from this run's tasks {names}")
+            raise CheckpointError(f"{self.checkpoint_dir / CHECKPOINT} holds tasks {state.tasks}, this run has "
+                                  f"{names}: resume with the config that started it, or pass --overwrite")
+        changed = [k for k in diff_keys(state.config, self.record)
+                   if not any(k == a or k.startswith(a + ".") for a in self.allow_changes)] if state.config else []
+        if changed:
+            raise CheckpointError(f"{self.checkpoint_dir / CHECKPOINT} was written with another config: "
+                                  f"{describe_changes(state.config, self.record, changed)}; resume with the same "
+                                  "config, accept a change with --allow-change KEY, or start over with --overwrite")
         self.method.attach(self.model)
-        self.method.load(self.model, str(method_dir(self.checkpoint_dir)))
+        try:
+            self.method.load(self.model, str(method_dir(self.checkpoint_dir)))
+        except UserError as err:
+            raise CheckpointError(f"{err} (checkpoint of {self.checkpoint_dir}; --overwrite starts over)") from None
+        self.log(f"resuming at task {state.completed + 1}/{len(self.tasks)}" if not state.finished
+                 else f"all {len(self.tasks)} tasks were already trained")
         self.method.load_extra_state(state.method_state)
         self.kind.load_extra_state(state.kind_state)
         self.model.to(self.runtime.device).eval()

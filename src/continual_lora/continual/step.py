@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0  # base seed; each task derives its own from it
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     progress: bool = True  # tqdm bars for training and evaluation
+    num_workers: int = 0  # DataLoader worker processes decoding images read from disk (0: in the main process)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for forward passes (fp16 adds a loss scaler)
     gradient_checkpointing: bool = False  # transformers models: recompute block activations in backward
     dump_replicas: bool = False  # distributed: ranks > 0 also save their method state to <checkpoint>/rank<k>/
@@ -57,6 +58,8 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
         # (written as "not (x > 0)" so that NaN fails too)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
@@ -147,13 +150,3 @@ def optimizer_step(engine: Engine, next_batch: Callable[[], Batch], params: list
             total, terms = engine(batch)
             engine.backward(total / grad_accum)
     return StepResult(total, terms, engine.step(params, max_grad_norm))
-
-
-def index_stream(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Consecutive seeded permutations of range(n), cut into batches (no sample repeats within a pass)."""
-    buf = torch.empty(0, dtype=torch.long)
-    while True:
-        while buf.numel() < batch_size:
-            buf = torch.cat([buf, torch.randperm(n, generator=generator)])
-        yield buf[:batch_size]
-        buf = buf[batch_size:]

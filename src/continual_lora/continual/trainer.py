@@ -41,7 +41,7 @@ from ..errors import CheckpointError, DivergenceError, UserError
 from ..methods import Method
 from ..runtime import Runtime, enable_gradient_checkpointing, runtime_from_env
 from .checkpoint import CHECKPOINT, RunState, method_dir, read_checkpoint, write_checkpoint
-from .step import Objective, TrainConfig, adamw, index_stream, optimizer_step
+from .step import Objective, TrainConfig, adamw, optimizer_step
 
 
 FP16_SKIP_LIMIT = 20  # fp16: consecutive non-finite losses (steps the loss scaler skips) before a run diverged
@@ -138,7 +138,7 @@ class ContinualTrainer:
             raise RuntimeError(f"{self.method.name}: no trainable parameters for task {task.name!r}")
         optimizer, schedule = (adamw(params, cfg.lr, cfg.weight_decay, steps, int(cfg.warmup_ratio * steps),
                                      cfg.min_lr) if steps else (None, None))
-        stream = index_stream(kind.num_train(task), cfg.batch_size, generator)
+        batches = kind.batches(task, cfg.batch_size, generator, runtime.local_rows(cfg.batch_size))
         trainable = sum(p.numel() for p in params)  # (ZeRO-3 swaps these parameter objects when training ends)
         objective = Objective(self.model, loss=lambda model, batch: kind.loss(model, batch, runtime.gather),
                               terms=lambda model, batch: self.method.loss_terms(model, batch, context),
@@ -146,7 +146,7 @@ class ContinualTrainer:
         engine = runtime.engine(objective, optimizer)  # DDP-wrapped / a DeepSpeed engine when distributed
 
         def next_batch() -> Any:
-            return runtime.local_batch(kind.train_batch(task, next(stream), generator), cfg.batch_size)
+            return next(batches)
 
         tail_losses: list[float] = []
         tail_norms: list[float] = []
@@ -171,6 +171,7 @@ class ContinualTrainer:
                     if norm is not None and math.isfinite(float(norm)):  # (fp16: overflow steps are skipped)
                         tail_norms.append(float(norm))
                 bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in out.terms.items()})
+            batches.close()  # (a kind reading from disk: its DataLoader workers stop)
             # drop every reference to the parameters (the optimiser, its schedule, the last loss's graph)
             # before the engine goes: DDP's gradient hooks, ZeRO-3's partitioned parameters
             del optimizer, schedule, params

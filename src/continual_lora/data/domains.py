@@ -271,7 +271,8 @@ def balanced_subset(labels: torch.Tensor, cap: int, generator: torch.Generator) 
     return perm[key.argsort()[:cap]].sort().values
 
 
-def _domain_seed(name: str, seed: int) -> int:
+def domain_seed(name: str, seed: int) -> int:
+    """The seed of a domain's draws for run seed ``seed`` (independent of the order of the stream)."""
     return (zlib.crc32(name.encode()) + 7919 * seed) % (2**31)
 
 
@@ -285,13 +286,13 @@ def domain_task(name: str, image_size: int = 32, shots: int | None = 5, seed: in
     ``seed``, so every run is scored on the same images). The draw depends only on (domain, seed).
     """
     full = load_domain(name, image_size)
-    g = torch.Generator().manual_seed(_domain_seed(name, seed))
+    g = torch.Generator().manual_seed(domain_seed(name, seed))
     if shots is not None:
         tr = first_k_per_class(full.train_labels, shots, g)
     else:
         cap = max_train if max_train is not None else len(full.train_labels)
         tr = balanced_subset(full.train_labels, cap, g)
-    g_test = torch.Generator().manual_seed(_domain_seed(name, SPLIT_SEED))
+    g_test = torch.Generator().manual_seed(domain_seed(name, SPLIT_SEED))
     cap = max_test if max_test is not None else len(full.test_labels)
     te = balanced_subset(full.test_labels, cap, g_test)
     return ImageTask(name, full.class_names, full.templates, full.train_images[tr].contiguous(),

@@ -1,7 +1,8 @@
 """The CLIP task kind: contrastive training and zero-shot-style evaluation of image classification tasks.
 
-A task is an :class:`ImageTask` (or anything with its fields): images in [0, 1], labels indexing
-``class_names``, prompt templates. Training pairs each image with a caption (a template filled with
+A task is an :class:`ImageTask` (images in memory as float tensors in [0, 1]: the embedded
+benchmarks) or a :class:`~.images.FileImageTask` (images read from disk on demand and preprocessed
+in DataLoader workers: real datasets), with labels indexing ``class_names`` and prompt templates. Training pairs each image with a caption (a template filled with
 its class name) and minimises the symmetric contrastive loss of :mod:`.clip_ops` at a frozen logit
 scale; evaluation is top-1 accuracy against the template-ensemble classifier of the task's classes.
 
@@ -13,7 +14,8 @@ of the first task that names it), with no task hint.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import random
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..contract import ContrastiveKind, Gather, no_gather
+from ..contract import Batch, ContrastiveKind, Gather, no_gather, slice_batch
 from .clip_ops import (
     TextTokenizer,
+    batch_accuracy,
     captions_for,
     contrastive_loss,
     encode_images,
@@ -31,6 +34,7 @@ from .clip_ops import (
     evaluate_accuracy,
     text_classifier,
 )
+from .images import FileImageTask, Preprocess, evaluation_batches, training_batches
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,13 @@ class ClipClassification(ContrastiveKind):
 
     def __init__(self, tokenizer: TextTokenizer, tasks: Sequence[Any], device: str = "cpu",
                  logit_scale: float = 100.0, train_templates: Literal["first", "all"] = "first",
-                 eval_batch_size: int = 256) -> None:
+                 eval_batch_size: int = 256, preprocess: Preprocess | None = None, num_workers: int = 0) -> None:
+        """``preprocess`` and ``num_workers``: how the images of :class:`FileImageTask` s are read
+        (CLIP's preprocessing at the model's resolution; DataLoader worker processes, 0 = in this one)."""
         self.tokenizer = tokenizer
+        self.preprocess = preprocess if preprocess is not None else Preprocess()
+        self.num_workers = num_workers
+        self.pin_memory = torch.device(device).type == "cuda"
         self.tasks = list(tasks)
         self.device = device
         self.logit_scale = logit_scale
@@ -97,11 +106,36 @@ class ClipClassification(ContrastiveKind):
         return len(task.test_labels)
 
     def train_batch(self, task: Any, indices: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+        if isinstance(task, FileImageTask):  # decoded here, one at a time (batches() reads ahead in workers)
+            seeds = torch.randint(2**31, (len(indices),), generator=generator).tolist()
+            images = torch.stack([self.preprocess.training(task.train_source.image(int(i)), random.Random(seed))
+                                  for i, seed in zip(indices.tolist(), seeds)])
+        else:
+            images = task.train_images[indices]
+        return self._batch(task, images, indices, generator)
+
+    def _batch(self, task: Any, images: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
+               rows: slice | None = None, size: int | None = None) -> dict[str, Any]:
+        """The batch of ``images`` (this process's ``rows`` of a global batch of ``size``) and their
+        captions: a random template per sample, drawn for the whole global batch."""
         labels = task.train_labels[indices]
         templates = task.templates[:1] if self.train_templates == "first" else task.templates
         ids, mask = self.tokenizer(captions_for(labels, task.class_names, templates, generator))
-        return {"images": task.train_images[indices].to(self.device), "labels": labels.to(self.device),
-                "text_ids": ids.to(self.device), "text_mask": mask.to(self.device)}
+        text = {"labels": labels, "text_ids": ids, "text_mask": mask}
+        if rows is not None:
+            text = slice_batch(text, rows.start, rows.stop, size)
+        return {"images": images.to(self.device), **{k: v.to(self.device) for k, v in text.items()}}
+
+    def batches(self, task: Any, batch_size: int, generator: torch.Generator,
+                rows: slice | None = None) -> Generator[Batch, None, None]:
+        """In-memory tasks: the contract's batches. File tasks: images decoded ahead by ``num_workers``
+        DataLoader workers (only this process's ``rows``), captions drawn here in step order."""
+        if not isinstance(task, FileImageTask):
+            yield from super().batches(task, batch_size, generator, rows)
+            return
+        for images, indices in training_batches(task, self.preprocess, batch_size, generator, rows, self.num_workers,
+                                                self.pin_memory):
+            yield self._batch(task, images, indices, generator, rows, batch_size)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], gather: Gather = no_gather) -> torch.Tensor:
         return contrastive_loss(model, batch["images"], batch["labels"], batch["text_ids"], batch["text_mask"],
@@ -114,20 +148,28 @@ class ClipClassification(ContrastiveKind):
         return torch.cat(rows)  # (C_union, D)
 
     def evaluate(self, model: nn.Module, task: Any, xtail: bool = False) -> float:
+        labels = task.test_labels
+        if xtail:
+            labels = torch.tensor([self.union.index(n) for n in task.class_names])[labels]
+        if isinstance(task, FileImageTask):
+            classifier = (self._union_classifier(model) if xtail
+                          else text_classifier(model, self.tokenizer, task.class_names, task.templates))
+            return batch_accuracy(model, classifier, evaluation_batches(
+                task.test_source, labels, self.preprocess, self.eval_batch_size, self.num_workers, self.pin_memory))
         if not xtail:
             return evaluate_accuracy(model, self.tokenizer, task, batch_size=self.eval_batch_size)
-        index = torch.tensor([self.union.index(n) for n in task.class_names])
-        labels = index[task.test_labels]
         return evaluate_accuracy(model, self.tokenizer, (task.test_images, labels),
                                  batch_size=self.eval_batch_size, classifier=self._union_classifier(model))
 
     def test_shard(self, task: Any, rank: int, world_size: int) -> Any | None:
-        """A copy of ``task`` whose test split holds every ``world_size``-th sample from ``rank``
-        (a dataclass task with ``test_images`` / ``test_labels`` such as :class:`ImageTask`; None for
-        anything else, which every rank then scores whole)."""
+        """A copy of ``task`` whose test split holds every ``world_size``-th sample from ``rank`` (an
+        :class:`ImageTask`-like dataclass or a :class:`FileImageTask`; None for anything else, which
+        every rank then scores whole)."""
+        keep = torch.arange(rank, len(task.test_labels), world_size)
+        if isinstance(task, FileImageTask):
+            return task.test_subset(keep.tolist())
         if not dataclasses.is_dataclass(task) or not all(hasattr(task, k) for k in ("test_images", "test_labels")):
             return None
-        keep = torch.arange(rank, len(task.test_labels), world_size)
         return dataclasses.replace(task, test_images=task.test_images[keep], test_labels=task.test_labels[keep])
 
     # --- ContrastiveKind: features for distillation methods (LwF-VR, ZSCL) --------------------

@@ -141,22 +141,32 @@ def evaluate_accuracy(model: nn.Module, tokenizer: TextTokenizer,
         images, labels = data.test_images, data.test_labels
         class_names = class_names if class_names is not None else data.class_names
         templates = templates if templates is not None else data.templates
-    if len(labels) == 0:
-        raise ValueError("evaluate_accuracy got an empty set of images")
+    if classifier is None:
+        if class_names is None or templates is None:
+            raise ValueError("class_names and templates (or a classifier) are required for (images, labels)")
+        classifier = text_classifier(model, tokenizer, class_names, templates)
+    batches = ((images[s : s + batch_size], labels[s : s + batch_size]) for s in range(0, len(labels), batch_size))
+    return batch_accuracy(model, classifier, batches)
+
+
+@torch.no_grad()
+def batch_accuracy(model: nn.Module, classifier: torch.Tensor,
+                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy in percent of ``classifier`` (C, D) over (images, labels) batches, in eval mode
+    (the model's mode is restored after)."""
     was_training = model.training
     model.eval()
+    correct = total = 0
     try:
-        if classifier is None:
-            if class_names is None or templates is None:
-                raise ValueError("class_names and templates (or a classifier) are required for (images, labels)")
-            classifier = text_classifier(model, tokenizer, class_names, templates)
-        correct = 0
-        for start in range(0, len(labels), batch_size):
-            logits = classify(model, images[start : start + batch_size], classifier)  # (b, C)
-            correct += int((logits.argmax(dim=-1).cpu() == labels[start : start + batch_size].cpu()).sum())
+        for images, labels in batches:
+            logits = classify(model, images, classifier)  # (b, C)
+            correct += int((logits.argmax(dim=-1).cpu() == labels.cpu()).sum())
+            total += len(labels)
     finally:
         model.train(was_training)
-    return 100.0 * correct / len(labels)
+    if total == 0:
+        raise ValueError("evaluate_accuracy got an empty set of images")
+    return 100.0 * correct / total
 
 
 def captions_for(labels: torch.Tensor, class_names: Sequence[str], templates: Sequence[str],

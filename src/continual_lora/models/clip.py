@@ -34,6 +34,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from ..config import ConfigError
 from ..kinds.clip_ops import IMAGE_MEAN, IMAGE_STD
+from ..kinds.images import Preprocess
 from .small_clip import PretrainConfig, build_tokenizer, load_pretrained
 from .word_tokenizer import WordTokenizer
 
@@ -105,8 +106,9 @@ def _local_file(path: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def check_model(config: ModelConfig, image_size: int) -> None:
-    """Fail before any training when the model is missing or does not fit the benchmark."""
+def check_model(config: ModelConfig, image_size: int | None = None) -> None:
+    """Fail before any training when the model is missing or (``image_size`` given) does not take
+    images of the benchmark's size."""
     if config.source == "hf":
         path = str(config.path)
         if _local_file(path, "config.json") is None or not any(_local_file(path, f) for f in WEIGHT_FILES):
@@ -117,7 +119,7 @@ def check_model(config: ModelConfig, image_size: int) -> None:
         expected = CLIP_PRESETS[config.clip_config]["vision"]["image_size"]
     else:
         return
-    if image_size != expected:
+    if image_size is not None and image_size != expected:
         raise ConfigError(f"benchmark.image_size is {image_size} but the model takes {expected} px images: "
                          f"set benchmark.image_size={expected}")
 
@@ -130,6 +132,14 @@ def _missing_message(path: str) -> str:
     return (f"model.path {path!r}: no CLIP model found (need config.json and one of {', '.join(WEIGHT_FILES)}); "
             f"nothing is downloaded at run time. On a machine with internet access run `{get}` "
             f"and bring the files here (a directory, or the HF cache for a hub id), or point model.path at them.")
+
+
+def preprocess_for(config: ModelConfig, model: CLIPModel) -> Preprocess:
+    """CLIP's preprocessing of images read from disk, at the model's resolution, with the resize of its
+    ``preprocessor_config.json`` where the model directory has one (``hf`` source)."""
+    size = int(model.config.vision_config.image_size)
+    processor = _local_file(str(config.path), "preprocessor_config.json") if config.source == "hf" else None
+    return Preprocess.from_processor(processor, size)
 
 
 # --- tokenizers ----------------------------------------------------------------------------------

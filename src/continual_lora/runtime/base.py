@@ -144,9 +144,9 @@ class Runtime:
             raise ValueError(f"train.batch_size ({batch_size}) must be divisible by the number of processes "
                              f"({self.world_size}): each rank takes an equal slice of the global batch")
 
-    def local_batch(self, batch: Any, batch_size: int) -> Any:
-        """This rank's rows of the global batch (the batch itself in one process)."""
-        return batch
+    def local_rows(self, batch_size: int) -> slice | None:
+        """This rank's rows of each global batch of ``batch_size`` (None in one process: all of them)."""
+        return None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = PRECISIONS[self.precision]

@@ -74,19 +74,6 @@ class RowGather:
         return _GatherRows.apply(x, self.group)
 
 
-def slice_batch(batch: Any, start: int, stop: int, rows: int) -> Any:
-    """Rows [start, stop) of every tensor / list in ``batch`` whose first dimension is ``rows``."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == rows else batch
-    if isinstance(batch, dict):
-        return {k: slice_batch(v, start, stop, rows) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and len(batch) == rows:
-        return type(batch)(batch[start:stop]) if isinstance(batch, list) else tuple(batch[start:stop])
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(slice_batch(v, start, stop, rows) for v in batch)
-    return batch
-
-
 def fingerprint(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """(n, 3) float64: sum, sum of squares and a position-weighted sum of each tensor."""
     rows = []
@@ -165,9 +152,9 @@ class DataParallel(Runtime):
             raise failure
 
     # --- training ------------------------------------------------------------------------------
-    def local_batch(self, batch: Any, batch_size: int) -> Any:
+    def local_rows(self, batch_size: int) -> slice | None:
         rows = batch_size // self.world_size
-        return slice_batch(batch, self.rank * rows, (self.rank + 1) * rows, batch_size)
+        return slice(self.rank * rows, (self.rank + 1) * rows)
 
     def _engine(self, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> Engine:
         if not any(p.requires_grad for p in module.parameters()):

@@ -54,7 +54,8 @@ def make_mtil_root(root: Path, gzip_mnist: bool = False) -> Path:
         for k in range(1, 3):
             _image(top / f"cat{c:03d}" / f"image_{k:04d}.jpg", next(seed), size=8)
     _image(top / "BACKGROUND_Google" / "image_0001.jpg", next(seed), size=8)
-    # cifar100: python pickles (data rows of 3072 uint8, fine_labels), meta fine_label_names
+    # cifar100: python pickles (data rows of 3072 uint8, fine_labels), meta fine_label_names ("sunflower" is
+    # also a Caltech101 and a Flowers class, as in the real datasets: X-TAIL merges it)
     top = root / "cifar-100-python"
     top.mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -63,7 +64,7 @@ def make_mtil_root(root: Path, gzip_mnist: bool = False) -> Path:
         batch = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "fine_labels": labels,
                  "filenames": [f"img{i}.png".encode() for i in range(len(labels))]}
         (top / split).write_bytes(pickle.dumps(batch, protocol=2))
-    (top / "meta").write_bytes(pickle.dumps({"fine_label_names": ["apple", "aquarium_fish", "baby", "bear"]},
+    (top / "meta").write_bytes(pickle.dumps({"fine_label_names": ["apple", "aquarium_fish", "baby", "sunflower"]},
                                             protocol=2))
     # dtd: dtd/dtd/images/<cls>/<name>.jpg, labels/{train1,test1}.txt
     top = root / "dtd" / "dtd"

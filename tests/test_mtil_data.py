@@ -166,6 +166,28 @@ def test_tasks_hold_paths_or_mapped_arrays_never_decoded_images(root) -> None:
     assert isinstance(tasks[1].train_source.array, np.memmap)  # MNIST: mapped from its IDX file
 
 
+def test_xtail_label_space_over_the_11_datasets_and_rails_10(root) -> None:
+    from continual_lora.benchmarks.mtil import MtilConfig
+    from continual_lora.config import from_dict
+    from continual_lora.kinds.clip import xtail_label_space
+
+    tasks = mtil.mtil_tasks(root, list(mtil.DATASETS), shots=1)
+    names, index = xtail_label_space(tasks)
+    every = [n for task in tasks for n in task.class_names]
+    assert len(every) == sum(c for c, _, _ in COUNTS.values())
+    # as in the real datasets, "lotus" is a Caltech101 and a Flowers class, "sunflower" one of those and CIFAR100's
+    assert len(names) == len(set(every)) == len(every) - 3
+    for task, idx in zip(tasks, index):
+        assert [names[i] for i in idx] == list(task.class_names)
+    by_name = {t.name: i for i, t in enumerate(tasks)}
+    sunflower = names.index("sunflower")
+    assert all(sunflower in index[by_name[d]] for d in ("caltech101", "cifar100", "flowers"))
+    rail = from_dict(MtilConfig, {"datasets": [d for d in mtil.DATASETS if d != "cifar100"], "xtail": True})
+    assert rail.stream() == [d for d in mtil.ORDERS["I"] if d != "cifar100"]
+    rail_names, _ = xtail_label_space([tasks[by_name[d]] for d in rail.stream()])
+    assert len(rail_names) == len(names) - 3 and "sunflower" in rail_names  # apple, aquarium fish, baby leave
+
+
 def test_k_shot_keeps_k_per_class_or_all_a_class_has(root) -> None:
     (task,) = mtil.mtil_tasks(root, ["eurosat"], shots=2)
     available = torch.bincount(mtil.read_dataset("eurosat", root).train.labels, minlength=10)

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub lookup retries for 
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     CLIPConfig,
@@ -111,6 +112,35 @@ class PlainNet(nn.Module):
 def make_plain(seed: int = 0) -> PlainNet:
     torch.manual_seed(seed)
     return PlainNet().eval()
+
+
+class SeqFirstBlock(nn.Module):
+    """OpenAI-CLIP-style residual block on (L, N, D): nn.MultiheadAttention + Linear MLP."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 4)  # batch_first=False
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, N, D)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class SeqFirstNet(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(SeqFirstBlock(d), SeqFirstBlock(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, N, D) -> (N, 3)
+        return self.head(self.blocks(x)[0])
+
+
+def make_seq_first(seed: int = 0) -> SeqFirstNet:
+    torch.manual_seed(seed)
+    return SeqFirstNet().eval()
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ class CountKind(TaskKind):
     def loss(self, model, batch, gather=no_gather):
         return (model(batch) - 1.0).square().mean()
 
-    def evaluate(self, model, task, xtail=False):
+    def evaluate(self, model, task, xtail=False, routing=None):
         return 50.0
 
 

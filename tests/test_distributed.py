@@ -41,7 +41,7 @@ pretrain: {steps: 8, batch_size: 16, warmup: 2, vision_layers: 1, text_layers: 1
 train: {iterations: 4, batch_size: 8, grad_accum: 2, lr: 5.0e-3, progress: false}
 methods:
   - {name: rank1_pool, rank: 4, top_r: 2, alpha: 4.0, dropout: 0.0}
-  - {name: lilora, rank: 2, inner_rank: 1, alpha: 4.0, dropout: 0.0, lambda_stab: 0.1}
+  - {name: lilora, rank: 2, inner_rank: 1, alpha: 4.0, dropout: 0.0, stability: a_cosine, lambda_stab: 0.1}
   - {name: lwf_vr, rank: 2, alpha: 4.0, dropout: 0.0}
   - {name: replay, rank: 2, alpha: 4.0, dropout: 0.0}
 """

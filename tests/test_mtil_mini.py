@@ -104,6 +104,25 @@ def test_splits_fixed_by_seed() -> None:
         assert torch.equal(x.test_images, z.test_images)  # the test subset does not depend on the seed
 
 
+@pytest.mark.parametrize("shots", [5, None])
+def test_validation_sets_come_from_the_train_split_and_never_from_training_or_test_images(shots) -> None:
+    rows = lambda x: {tuple(r.flatten().tolist()) for r in x}  # noqa: E731 - one image per set element
+    for name in ("digits", "textile"):
+        (task,) = mm.build_mtil_mini("I", shots=shots, max_train_per_task=200, max_test_per_task=60, domains=[name],
+                                     validation=True)
+        full = dd.load_domain(name)
+        held, trained = rows(task.test_images), rows(task.train_images)
+        assert held <= rows(full.train_images) and not held & rows(full.test_images) and not held & trained
+        assert len(task.test_labels) == min(60, len(full.train_labels) // 5)
+        counts = torch.bincount(task.test_labels, minlength=task.num_classes)
+        assert int(counts.max() - counts.min()) <= 1
+        if shots:
+            assert torch.bincount(task.train_labels).tolist() == [5] * task.num_classes
+        (again,) = mm.build_mtil_mini("I", shots=shots, max_train_per_task=200, max_test_per_task=60, domains=[name],
+                                      validation=True, seed=3)
+        assert torch.equal(again.test_images, task.test_images)  # the validation set does not depend on the seed
+
+
 def test_first_k_per_class_takes_the_first_of_a_shuffled_pass() -> None:
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     g = torch.Generator().manual_seed(3)

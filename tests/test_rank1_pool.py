@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import clip_inputs, make_tiny_clip
+from conftest import clip_inputs, make_seq_first, make_tiny_clip
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
@@ -60,35 +60,6 @@ def with_token0(logits: list[list[float]], length: int = 3) -> torch.Tensor:
     x = torch.randn(len(logits), length, logits_t.shape[1], generator=torch.Generator().manual_seed(0)) * 10
     x[:, 0] = logits_t
     return x
-
-
-class Block(nn.Module):
-    """OpenAI-CLIP-style residual block on (L, N, D): nn.MultiheadAttention + Linear MLP."""
-
-    def __init__(self, d: int = 16) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d, 4)  # batch_first=False
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, N, D)
-        x = x + self.attn(x, x, x, need_weights=False)[0]
-        return x + self.fc2(F.gelu(self.fc1(x)))
-
-
-class SeqFirstNet(nn.Module):
-    def __init__(self, d: int = 16) -> None:
-        super().__init__()
-        self.blocks = nn.Sequential(Block(d), Block(d))
-        self.head = nn.Linear(d, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, N, D) -> (N, 3)
-        return self.head(self.blocks(x)[0])
-
-
-def make_seq_first(seed: int = 0) -> SeqFirstNet:
-    torch.manual_seed(seed)
-    return SeqFirstNet().eval()
 
 
 def seq_first_batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -23,6 +23,7 @@ from .adapters import (  # noqa: E402
     set_task,
     unload,
     unmerge,
+    use_sample_tasks,
     use_task,
 )
 from .methods import METHODS, Method, build_method  # noqa: E402
@@ -30,5 +31,5 @@ from .methods import METHODS, Method, build_method  # noqa: E402
 __all__ = [
     "METHODS", "LoRAConfig", "Method", "add_task", "build_method", "delta_weights", "disable_adapters",
     "inject_adapters", "load_adapter", "merge", "parameter_counts", "parameter_table", "save_adapter",
-    "set_task", "unload", "unmerge", "use_task", "__version__",
+    "set_task", "unload", "unmerge", "use_sample_tasks", "use_task", "__version__",
 ]

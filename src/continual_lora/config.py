@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from .errors import UserError
+from .errors import ConfigDeprecationWarning, UserError  # noqa: F401 (ConfigDeprecationWarning: re-exported)
 
 T = TypeVar("T")
 

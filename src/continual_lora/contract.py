@@ -8,6 +8,8 @@ package, so each side can rely on the declarations without depending on the othe
     ContrastiveKind   a TaskKind whose image / text features methods may read (LwF-VR, ZSCL)
     TaskContext       what the trainer hands a method's hooks while a task trains (data access,
                       budget, the gather of a data-parallel run)
+    Routing           a task-id method's choice of adapter per test sample when no task id is
+                      given (its task router), which the kind's evaluation calls
     Gather            rows of every data-parallel rank (the identity in one process)
 
 Every member a trainer may use is declared here, the optional ones with their defaults, so no
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -78,9 +81,18 @@ class TaskKind(abc.ABC):
         logits, a token mean) passes its per-sample terms through ``gather`` so that every rank of a
         data-parallel run computes the loss of the global batch."""
 
+    routing_modes: ClassVar[tuple[str, ...]] = ()  # the Routing modes evaluate() supports
+
     @abc.abstractmethod
-    def evaluate(self, model: nn.Module, task: Any, xtail: bool = False) -> float:
-        """Score (percent) of ``task``'s test set; ``xtail``: without a task id, over every task's labels."""
+    def evaluate(self, model: nn.Module, task: Any, xtail: bool = False, routing: Routing | None = None) -> float:
+        """Score (percent) of ``task``'s test set; ``xtail``: without a task id, over every task's labels;
+        ``routing``: each test sample is scored with the adapter its router picks (no task id)."""
+
+    def route_features(self, model: nn.Module, task: Any, limit: int | None = None) -> torch.Tensor:
+        """(N, D) features a prototype router keeps of ``task``'s training inputs (at most ``limit``,
+        a fixed choice): those the kind's evaluation routes on, of ``model`` as it is (the caller turns
+        the adapters off)."""
+        raise NotImplementedError(f"{type(self).__name__} has no features to route on")
 
     def batches(self, task: Any, batch_size: int, generator: torch.Generator,
                 rows: slice | None = None) -> Generator[Batch, None, None]:
@@ -134,6 +146,57 @@ class ContrastiveKind(TaskKind):
     @abc.abstractmethod
     def random_sentences(self, n: int, words: int, generator: torch.Generator) -> list[str]:
         """``n`` sentences of ``words`` tokens from the vocabulary outside every class name of the stream."""
+
+
+class Routing(abc.ABC):
+    """Which trained task's adapter scores each test sample when no task id is given.
+
+    A kind's ``evaluate(model, task, xtail, routing)`` uses it per batch of test inputs:
+
+    * ``prototype`` mode: ``with routing.base(): f = <routing features of the batch>`` (the frozen
+      model: adapters off), then ``index = routing.assign(f)``;
+    * ``confidence`` mode: for each of ``routing.tasks``, ``with routing.task(name):`` score the batch
+      with that task's adapter over that task's own labels; ``index`` = the most confident task;
+    * then ``with routing.per_sample(index):`` one forward of the whole batch, sample n through the
+      adapter of ``routing.tasks[index[n]]`` (a mixed batch), and ``routing.record(task name, index)``.
+
+    ``cache`` holds what the kind computes once per evaluation pass (e.g. a classifier per task).
+    """
+
+    mode: Literal["prototype", "confidence"]
+    tasks: list[str]  # candidate tasks, in training order: what an index refers to
+
+    def __init__(self) -> None:
+        self.cache: dict[Any, Any] = {}
+        self.counts: dict[str, list[int]] = {}  # true task -> [routed to it, samples]
+
+    @abc.abstractmethod
+    def base(self) -> AbstractContextManager[None]:
+        """The frozen base model (every adapter off) inside the block."""
+
+    @abc.abstractmethod
+    def assign(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) routing features -> (N,) indices into ``tasks`` (prototype mode)."""
+
+    @abc.abstractmethod
+    def task(self, name: str) -> AbstractContextManager[None]:
+        """Every sample through task ``name``'s adapter inside the block."""
+
+    @abc.abstractmethod
+    def per_sample(self, index: torch.Tensor) -> AbstractContextManager[None]:
+        """Sample n of the next forwards through ``tasks[index[n]]``'s adapter inside the block."""
+
+    def record(self, true_task: str, index: torch.Tensor) -> None:
+        """Count how many samples of ``true_task`` were routed to it."""
+        hits = int((index == self.tasks.index(true_task)).sum()) if true_task in self.tasks else 0
+        count = self.counts.setdefault(true_task, [0, 0])
+        count[0] += hits
+        count[1] += int(index.numel())
+
+    def routed(self, index: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """(task name, positions of the samples routed to it) for every task that was picked."""
+        for i in torch.unique(index).tolist():
+            yield self.tasks[i], torch.nonzero(index == i).flatten()
 
 
 @dataclass(frozen=True)

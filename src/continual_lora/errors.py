@@ -29,3 +29,8 @@ class AdapterFileError(UserError, ValueError):
 
 class DivergenceError(UserError, ArithmeticError):
     """Training produced a non-finite loss or non-finite weights; the last good checkpoint is kept."""
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A config key or value that is still read for compatibility and should be removed or changed
+    (a warning, not an error: the run goes on)."""

@@ -23,6 +23,7 @@ from .inject import (
     sites,
     unload,
     unmerge,
+    use_sample_tasks,
     use_task,
 )
 from .io import load_adapter, read_adapter_config, read_adapter_tensors, save_adapter
@@ -35,5 +36,5 @@ __all__ = [
     "add_task", "branches", "candidate_names", "config_from_dict", "delta_weights", "disable_adapters",
     "inject_adapters", "load_adapter", "merge", "parameter_counts", "parameter_table",
     "read_adapter_config", "read_adapter_tensors", "register_adapter", "save_adapter", "set_task", "sites", "unload",
-    "unmerge", "use_task",
+    "unmerge", "use_sample_tasks", "use_task",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -75,12 +76,17 @@ class AdapterBranch(nn.Module):
     input has no token axis. Only branches that route on a token (Rank-1 pool) read it.
     """
 
+    supports_per_sample: ClassVar[bool] = False  # forward can run each sample through its own task
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.active_task: str | None = None
         self.seq_dim: int | None = 1
+        # a mixed batch (use_sample_tasks): (task, positions of its samples) per task, and the batch size
+        self.sample_groups: list[tuple[str, torch.Tensor]] | None = None
+        self.sample_count = 0
 
     # --- to implement -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
@@ -115,6 +121,25 @@ class AdapterBranch(nn.Module):
         if task is not None:
             self.resolve_task(task)
         self.active_task = task
+
+    def per_sample(self, x: torch.Tensor, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+        """A mixed batch: ``fn(rows of x, task)`` for each task's samples (``sample_groups``), put back in
+        place. The batch axis is the one beside the token axis (``seq_dim``), or axis 0."""
+        batch_dim = 1 if self.seq_dim == 0 else 0
+        if x.shape[batch_dim] != self.sample_count:
+            raise ValueError(f"a mixed batch of {self.sample_count} samples (use_sample_tasks) got an input with "
+                             f"{x.shape[batch_dim]} on axis {batch_dim}: run only that batch inside the block")
+        out: torch.Tensor | None = None
+        for task, rows in self.sample_groups or ():
+            rows = rows.to(x.device)
+            y = fn(x.index_select(batch_dim, rows), task)
+            if out is None:
+                shape = list(y.shape)
+                shape[batch_dim] = self.sample_count
+                out = y.new_zeros(shape)
+            out.index_copy_(batch_dim, rows, y)
+        assert out is not None
+        return out
 
     def restore(self, base_weight: torch.Tensor) -> None:
         """Called after a saved state is loaded; may fold recorded updates into ``base_weight``.

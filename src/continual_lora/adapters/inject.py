@@ -159,6 +159,35 @@ def use_task(model: nn.Module, task: str | None) -> Iterator[None]:
             b.active_task = previous[name]
 
 
+@contextlib.contextmanager
+def use_sample_tasks(model: nn.Module, tasks: Sequence[str]) -> Iterator[None]:
+    """Run the block's forward passes as a mixed batch: sample n through task ``tasks[n]``'s adapter
+    (peft's ``adapter_names=``). Every input of an adapted layer inside must hold exactly
+    ``len(tasks)`` samples; the branches must support it (per-task LoRA, LiLoRA)."""
+    layers = _require_adapters(model)
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("the model has a task merged into its weights: call unmerge(model) before a mixed batch")
+    found = branches(model)
+    unsupported = sorted({type(b).__name__ for b in found.values() if not b.supports_per_sample})
+    if unsupported:
+        raise NotImplementedError(f"{', '.join(unsupported)} cannot run a different task per sample")
+    names = list(tasks)
+    for task in dict.fromkeys(names):
+        for branch in found.values():
+            branch.resolve_task(task)  # an unknown id is an error
+    order = list(dict.fromkeys(names))
+    index = torch.tensor([order.index(t) for t in names], dtype=torch.long)
+    device = next(iter(layers.values())).slot_weight(next(iter(next(iter(layers.values())).slots()))).device
+    groups = [(task, torch.nonzero(index == i).flatten().to(device)) for i, task in enumerate(order)]
+    for branch in found.values():
+        branch.sample_groups, branch.sample_count = groups, len(names)
+    try:
+        yield
+    finally:
+        for branch in found.values():
+            branch.sample_groups, branch.sample_count = None, 0
+
+
 def delta_weights(model: nn.Module, task: str | None = None) -> dict[str, torch.Tensor]:
     """Each adapted weight's update ``dW`` (out x in) for ``task`` (default: the active task)."""
     return {name: branch.delta_weight(task) for name, branch, _ in sites(model)}

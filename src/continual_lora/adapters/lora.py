@@ -50,6 +50,8 @@ class LoRAConfig(AdapterConfig):
 class LoRABranch(AdapterBranch):
     """Per-task rank-r factors ``A[t]`` (r x in) and ``B[t]`` (out x r)."""
 
+    supports_per_sample = True
+
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig) -> None:
         super().__init__(in_features, out_features)
         self.rank = config.rank
@@ -84,7 +86,12 @@ class LoRABranch(AdapterBranch):
         return self.lora_A[task], self.lora_B[task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
+        if self.sample_groups is not None:  # a mixed batch: each sample through its own task
+            return self.per_sample(x, self._forward)
+        return self._forward(x, None)
+
+    def _forward(self, x: torch.Tensor, task: str | None) -> torch.Tensor:
+        a, b = self.factors(task)
         x = x.to(a.dtype)  # e.g. fp32 factors on a bf16 base model; the wrapper casts back
         return F.linear(F.linear(self.dropout(x), a), b) * self.scale  # (..., out)
 

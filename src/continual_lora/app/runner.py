@@ -110,9 +110,13 @@ def results_dict(config: RunConfig, label: str, method: Method, state: RunState,
             "average": metrics.per_task_average(matrix),
             "last": metrics.per_task_last(matrix),
         }
+        if state.task_id_accuracy:  # a task router replaced the task id (route: all)
+            out["task_id_accuracy"] = state.task_id_accuracy
         if state.xtail_matrix:
             out["xtail"] = {"zero_shot": state.xtail_zero_shot, "matrix": state.xtail_matrix,
                             "metrics": metrics.PROTOCOLS[protocol](state.xtail_matrix)}
+            if state.xtail_task_id_accuracy:  # a task router picked the adapter of each test sample
+                out["xtail"]["task_id_accuracy"] = state.xtail_task_id_accuracy
     counts = parameter_counts(model)
     out["params"] = {
         "trainable": max(state.trainable_params, default=0),

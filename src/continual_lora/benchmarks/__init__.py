@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 from ..config import ConfigError, from_dict
+from ..errors import ConfigDeprecationWarning
 from . import cvit, cvit_mini, folders, mtil, mtil_mini
 from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
 
@@ -29,10 +30,6 @@ FLAT_KEYS = frozenset({
     "name", "order", "shots", "image_size", "max_train_per_task", "max_test_per_task", "domains", "xtail",
     "train_templates", "llava", "model_path", "instruction_root", "image_root", "max_new_tokens", "evaluate_future",
 })
-
-
-class ConfigDeprecationWarning(FutureWarning):
-    """A config key that is read for compatibility and should be removed or moved."""
 
 
 def parse_benchmark(data: Any, path: str = "benchmark") -> BenchmarkConfig:

@@ -36,6 +36,7 @@ class MtilMiniConfig(BenchmarkConfig):
     domains: list[str] | None = None  # keep only these domains (in the order's sequence)
     xtail: bool = False  # also evaluate X-TAIL: classify over the union of all class names
     train_templates: Literal["first", "all"] = "first"  # training captions: "first" template (DAC release) or "all"
+    validation: bool = False  # score on a validation set carved from each train split (tuning), not on the test split
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -58,13 +59,14 @@ class MtilMiniConfig(BenchmarkConfig):
 
 def build_mtil_mini(order: str = "I", shots: int | None = 5, image_size: int = 32, seed: int = 0,
                     max_train_per_task: int | None = 2000, max_test_per_task: int | None = 400,
-                    domains: Sequence[str] | None = None) -> list[ImageTask]:
+                    domains: Sequence[str] | None = None, validation: bool = False) -> list[ImageTask]:
     """The mtil-mini task sequence in ``order`` ("I" alphabetical, "II" a fixed permutation).
 
     Each task is :func:`~continual_lora.data.domains.domain_task` of its domain (``shots`` per class,
     or full-shot capped to ``max_train_per_task``; a fixed-seed test subset of at most
     ``max_test_per_task``), so both orders hold identical tasks. ``domains`` optionally restricts
-    the sequence (kept in the order's order).
+    the sequence (kept in the order's order). ``validation``: each task's evaluation set is carved
+    from its train split, for tuning (see ``domain_task``).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
@@ -74,7 +76,8 @@ def build_mtil_mini(order: str = "I", shots: int | None = 5, image_size: int = 3
     unknown = set(domains or ()) - set(DOMAINS)
     if unknown:
         raise ValueError(f"domains not available: {sorted(unknown)}; available: {DOMAINS}")
-    return [domain_task(name, image_size, shots, seed, max_train_per_task, max_test_per_task) for name in names]
+    return [domain_task(name, image_size, shots, seed, max_train_per_task, max_test_per_task, validation)
+            for name in names]
 
 
 def check(bench: MtilMiniConfig, run: RunSettings) -> None:
@@ -89,7 +92,8 @@ def build(bench: MtilMiniConfig, run: RunSettings) -> Stream:
     try:
         tasks = build_mtil_mini(order=bench.order, shots=bench.shots, image_size=bench.image_size, seed=run.seed,
                                 max_train_per_task=bench.max_train_per_task,
-                                max_test_per_task=bench.max_test_per_task, domains=bench.domains)
+                                max_test_per_task=bench.max_test_per_task, domains=bench.domains,
+                                validation=bench.validation)
     except ValueError as err:
         raise ConfigError(f"benchmark: {err}") from err
     model, tokenizer = load_clip(run.model, run.pretrain, seed=run.seed, progress=run.progress)

@@ -34,6 +34,10 @@ class RunState:
     matrix: list[list[float]] = field(default_factory=list)  # row j = after task j
     xtail_zero_shot: list[float] = field(default_factory=list)
     xtail_matrix: list[list[float]] = field(default_factory=list)
+    # a task router's share (percent) of each task's test samples routed to that task, at the latest
+    # evaluation: of the per-task matrix (route: all) and of X-TAIL
+    task_id_accuracy: dict[str, float] = field(default_factory=dict)
+    xtail_task_id_accuracy: dict[str, float] = field(default_factory=dict)
     task_seconds: list[float] = field(default_factory=list)
     train_losses: list[float | None] = field(default_factory=list)  # mean loss of each task's last 10 % of steps
     grad_norms: list[float | None] = field(default_factory=list)  # mean pre-clip gradient norm, same steps

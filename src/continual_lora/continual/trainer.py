@@ -39,6 +39,7 @@ from ..contract import TaskContext, TaskKind
 from ..config import describe_changes, diff_keys
 from ..errors import CheckpointError, DivergenceError, UserError
 from ..methods import Method
+from ..methods.task_router import task_id_accuracy
 from ..runtime import Runtime, enable_gradient_checkpointing, runtime_from_env
 from .checkpoint import CHECKPOINT, RunState, method_dir, read_checkpoint, write_checkpoint
 from .step import Objective, TrainConfig, adamw, optimizer_step
@@ -89,8 +90,12 @@ class ContinualTrainer:
         self.model = model.to(self.runtime.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        if method.routing_mode != "none" and method.routing_mode not in kind.routing_modes:
+            raise UserError(f"{method.name}: task_router {method.routing_mode!r} is not available for "
+                            f"{type(kind).__name__} (it supports: {list(kind.routing_modes) or 'none'})")
         self.method = method
         self.kind = kind
+        self.routed_accuracy: dict[str, float] = {}  # task-id accuracy of the latest evaluate_all (a router's)
         self.tasks = list(tasks)
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -108,6 +113,7 @@ class ContinualTrainer:
         ``upto``: score tasks 0..upto only; each later task's entry is copied from ``fill``.
         """
         scores = []
+        routed: dict[str, list[int]] = {}  # a task router's [routed right, samples] per task
         bar = tqdm(self.tasks, desc=label, leave=False, disable=not (self.config.progress and self.runtime.is_main))
         for i, task in enumerate(bar):
             if upto is not None and i > upto:
@@ -115,9 +121,12 @@ class ContinualTrainer:
                 continue
             select = contextlib.nullcontext() if base else self.method.evaluating(
                 self.model, None if xtail else task.name)
-            with select:
-                scores.append(self.runtime.evaluate(self.kind, self.model, task, xtail=xtail))
+            with select as routing:
+                scores.append(self.runtime.evaluate(self.kind, self.model, task, xtail=xtail, routing=routing))
+            if routing is not None:
+                routed[task.name] = routing.counts.pop(task.name, [0, 0])
             bar.set_postfix(task=task.name, acc=f"{scores[-1]:.1f}")
+        self.routed_accuracy = task_id_accuracy(self.runtime.all_gather_object(routed)) if routed else {}
         return scores
 
     # --- training -----------------------------------------------------------------------
@@ -224,8 +233,10 @@ class ContinualTrainer:
             future = self.kind.evaluate_future  # False (CVIT): tasks 0..index, the rest = zero-shot
             state.matrix.append(self.evaluate_all(label=f"eval after {task.name}",
                                                   upto=None if future else index, fill=state.zero_shot))
+            state.task_id_accuracy = self.routed_accuracy
             if self.xtail:
                 state.xtail_matrix.append(self.evaluate_all(xtail=True, label="eval x-tail"))
+                state.xtail_task_id_accuracy = self.routed_accuracy
             seconds = time.perf_counter() - start
             state.task_seconds.append(seconds)
             state.elapsed_s += seconds

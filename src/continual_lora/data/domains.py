@@ -36,6 +36,7 @@ from ..storage import atomic_write, cache_dir, cached, package_file
 
 FORMAT_VERSION = 1  # bump when the cached tensors change meaning
 SPLIT_SEED = 42  # seed of the 80/20 splits and of the capped test subsets
+VALIDATION_SEED = 7  # seed of the validation sets carved from the train splits (domain_task(validation=True))
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train x, y, test x, y
@@ -277,21 +278,35 @@ def domain_seed(name: str, seed: int) -> int:
 
 
 def domain_task(name: str, image_size: int = 32, shots: int | None = 5, seed: int = 0,
-                max_train: int | None = 2000, max_test: int | None = 400) -> ImageTask:
+                max_train: int | None = 2000, max_test: int | None = 400, validation: bool = False) -> ImageTask:
     """Domain ``name`` as a continual task.
 
     ``shots=k`` keeps the first k images per class of one shuffled pass (MoE-Adapters / DAC);
     ``shots=None`` is full-shot, capped to ``max_train`` class-balanced images. The test set is a
     class-balanced subset of at most ``max_test`` images drawn with a fixed seed (independent of
     ``seed``, so every run is scored on the same images). The draw depends only on (domain, seed).
+
+    ``validation``: for tuning hyper-parameters without looking at the test split. The evaluation
+    set is carved from the *train* split instead (class-balanced, fixed seed, at most ``max_test``
+    images and at most a fifth of the split), and the training images are drawn from the rest of it.
     """
     full = load_domain(name, image_size)
     g = torch.Generator().manual_seed(domain_seed(name, seed))
+    pool = torch.arange(len(full.train_labels))
+    if validation:
+        g_val = torch.Generator().manual_seed(domain_seed(name, VALIDATION_SEED))
+        cap = min(max_test if max_test is not None else len(pool), len(pool) // 5)
+        held = balanced_subset(full.train_labels, cap, g_val)
+        pool = pool[~torch.isin(pool, held)]
+    labels = full.train_labels[pool]
     if shots is not None:
-        tr = first_k_per_class(full.train_labels, shots, g)
+        tr = pool[first_k_per_class(labels, shots, g)]
     else:
-        cap = max_train if max_train is not None else len(full.train_labels)
-        tr = balanced_subset(full.train_labels, cap, g)
+        cap = max_train if max_train is not None else len(labels)
+        tr = pool[balanced_subset(labels, cap, g)]
+    if validation:
+        return ImageTask(name, full.class_names, full.templates, full.train_images[tr].contiguous(),
+                         full.train_labels[tr], full.train_images[held].contiguous(), full.train_labels[held])
     g_test = torch.Generator().manual_seed(domain_seed(name, SPLIT_SEED))
     cap = max_test if max_test is not None else len(full.test_labels)
     te = balanced_subset(full.test_labels, cap, g_test)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..contract import Batch, ContrastiveKind, Gather, no_gather, slice_batch
+from ..contract import Batch, ContrastiveKind, Gather, Routing, no_gather, slice_batch
 from .clip_ops import (
     TextTokenizer,
     batch_accuracy,
@@ -31,7 +31,6 @@ from .clip_ops import (
     contrastive_loss,
     encode_images,
     encode_texts,
-    evaluate_accuracy,
     text_classifier,
 )
 from .images import FileImageTask, Preprocess, evaluation_batches, training_batches
@@ -75,6 +74,7 @@ class ClipClassification(ContrastiveKind):
     """Task kind for a ``transformers.CLIPModel`` on :class:`ImageTask` streams (MTIL protocol)."""
 
     protocol = "mtil"
+    routing_modes = ("prototype", "confidence")
 
     def __init__(self, tokenizer: TextTokenizer, tasks: Sequence[Any], device: str = "cpu",
                  logit_scale: float = 100.0, train_templates: Literal["first", "all"] = "first",
@@ -147,19 +147,90 @@ class ClipClassification(ContrastiveKind):
                 for name, templates in zip(self.union, self.union_templates)]
         return torch.cat(rows)  # (C_union, D)
 
-    def evaluate(self, model: nn.Module, task: Any, xtail: bool = False) -> float:
+    def _test_batches(self, task: Any, labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) of ``task``'s test split in order (read from disk for a file task)."""
+        if isinstance(task, FileImageTask):
+            return evaluation_batches(task.test_source, labels, self.preprocess, self.eval_batch_size,
+                                      self.num_workers, self.pin_memory)
+        size = self.eval_batch_size
+        return ((task.test_images[s : s + size], labels[s : s + size]) for s in range(0, len(labels), size))
+
+    def evaluate(self, model: nn.Module, task: Any, xtail: bool = False, routing: Routing | None = None) -> float:
         labels = task.test_labels
         if xtail:
             labels = torch.tensor([self.union.index(n) for n in task.class_names])[labels]
+        if routing is not None:
+            return self._routed_accuracy(model, task, xtail, routing, self._test_batches(task, labels))
+        classifier = (self._union_classifier(model) if xtail
+                      else text_classifier(model, self.tokenizer, task.class_names, task.templates))
+        return batch_accuracy(model, classifier, self._test_batches(task, labels))
+
+    @torch.no_grad()
+    def _routed_accuracy(self, model: nn.Module, task: Any, xtail: bool, routing: Routing,
+                         batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Top-1 accuracy with each test image scored through the adapter its router picks: image
+        features from one mixed-batch forward, logits against the classifier (``task``'s classes, or
+        the X-TAIL union) that the picked task's adapter builds."""
+        own = {t.name: t for t in self.tasks}
+
+        def classifier(name: str, of: Any, union: bool) -> torch.Tensor:
+            key = ("union" if union else of.name, name)
+            if key not in routing.cache:
+                with routing.task(name):
+                    routing.cache[key] = (self._union_classifier(model) if union
+                                          else text_classifier(model, self.tokenizer, of.class_names, of.templates))
+            return routing.cache[key]
+
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        try:
+            for images, labels in batches:
+                if routing.mode == "prototype":
+                    with routing.base():
+                        index = routing.assign(self.image_features(model, {"images": images}))
+                else:  # the task whose adapter is most confident over its own classes
+                    confidence = []
+                    for name in routing.tasks:
+                        with routing.task(name):
+                            feats = self.image_features(model, {"images": images})
+                        logits = self.logit_scale * feats @ classifier(name, own[name], False).t()
+                        confidence.append(logits.softmax(dim=-1).amax(dim=-1))
+                    index = torch.stack(confidence).argmax(dim=0)
+                with routing.per_sample(index):
+                    feats = self.image_features(model, {"images": images})  # (b, D)
+                predicted = torch.empty(len(labels), dtype=torch.long)
+                for name, rows in routing.routed(index):
+                    predicted[rows.cpu()] = (feats[rows] @ classifier(name, task, xtail).t()).argmax(dim=-1).cpu()
+                correct += int((predicted == labels.cpu()).sum())
+                total += len(labels)
+                routing.record(task.name, index.cpu())
+        finally:
+            model.train(was_training)
+        if total == 0:
+            raise ValueError("evaluate got an empty test set")
+        return 100.0 * correct / total
+
+    @torch.no_grad()
+    def route_features(self, model: nn.Module, task: Any, limit: int | None = None) -> torch.Tensor:
+        """(N, D) unit image features of ``task``'s training images (evaluation preprocessing, no
+        augmentation; at most ``limit``, the first of a fixed permutation), in eval mode."""
+        n = len(task.train_labels)
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit] if limit and limit < n else None
         if isinstance(task, FileImageTask):
-            classifier = (self._union_classifier(model) if xtail
-                          else text_classifier(model, self.tokenizer, task.class_names, task.templates))
-            return batch_accuracy(model, classifier, evaluation_batches(
-                task.test_source, labels, self.preprocess, self.eval_batch_size, self.num_workers, self.pin_memory))
-        if not xtail:
-            return evaluate_accuracy(model, self.tokenizer, task, batch_size=self.eval_batch_size)
-        return evaluate_accuracy(model, self.tokenizer, (task.test_images, labels),
-                                 batch_size=self.eval_batch_size, classifier=self._union_classifier(model))
+            source = task.train_source if keep is None else task.train_source.subset(keep.tolist())
+            batches = (images for images, _ in evaluation_batches(
+                source, torch.zeros(len(source), dtype=torch.long), self.preprocess, self.eval_batch_size,
+                self.num_workers, self.pin_memory))
+        else:
+            images = task.train_images if keep is None else task.train_images[keep]
+            batches = (images[s : s + self.eval_batch_size] for s in range(0, len(images), self.eval_batch_size))
+        was_training = model.training
+        model.eval()
+        try:
+            return torch.cat([self.image_features(model, {"images": b}) for b in batches])
+        finally:
+            model.train(was_training)
 
     def test_shard(self, task: Any, rank: int, world_size: int) -> Any | None:
         """A copy of ``task`` whose test split holds every ``world_size``-th sample from ``rank`` (an

@@ -22,6 +22,7 @@ sample answers are logged on the kind; :meth:`extra_results` adds them to a run'
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..contract import Gather, TaskKind, no_gather
+from ..contract import Gather, Routing, TaskKind, no_gather
 from .instruct_data import IMAGE_PLACEHOLDER, InstructSample, InstructTask
 from .scorers import FORMATS, SCORERS, instruction_following_rate
 
@@ -48,6 +49,7 @@ class InstructionTuning(TaskKind):
     """Task kind for LLaVA-style models on :class:`InstructTask` streams."""
 
     protocol = "cvit"
+    routing_modes = ("prototype",)  # confidence routing needs class scores; answers are free text
 
     def __init__(self, tokenizer: Any, image_token_id: int, image_tokens: int, image_size: int,
                  image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
@@ -201,8 +203,10 @@ class InstructionTuning(TaskKind):
         return sums.sum() / counts.sum().clamp_min(1)
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, task: InstructTask, samples: Sequence[InstructSample]) -> list[str]:
-        """Greedy answers to the last turn of each sample."""
+    def generate(self, model: nn.Module, task: InstructTask, samples: Sequence[InstructSample],
+                 routing: Routing | None = None) -> list[str]:
+        """Greedy answers to the last turn of each sample; with ``routing``, each sample's answer is
+        generated through the adapter its router picks from the sample's image (one mixed batch)."""
         fmt_tokens = DEFAULT_NEW_TOKENS.get(task.answer_format, 32)
         max_new = self.max_new_tokens if self.max_new_tokens is not None else fmt_tokens
         eos = [t for t in {self.tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
@@ -213,14 +217,43 @@ class InstructionTuning(TaskKind):
             prompts = [self.encode(s, with_answer=False)[0] for s in chunk]
             ids = self._pad(prompts, self.pad_id, left=True).to(self.device)
             mask = self._pad([[1] * len(p) for p in prompts], 0, left=True).to(self.device)
-            out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=self._pixels(task, chunk),
-                                 max_new_tokens=max_new, do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-                                 eos_token_id=eos or None)
+            pixels = self._pixels(task, chunk)
+            select = contextlib.nullcontext()
+            if routing is not None:
+                with routing.base():
+                    index = routing.assign(self._vision_features(model, pixels))
+                routing.record(task.name, index.cpu())
+                select = routing.per_sample(index)
+            with select:
+                out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new,
+                                     do_sample=False, num_beams=1, pad_token_id=self.pad_id, eos_token_id=eos or None)
             new = out[:, ids.shape[1]:]
             answers += [a.strip() for a in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         return answers
 
-    def evaluate(self, model: nn.Module, task: InstructTask, xtail: bool = False) -> float:
+    def _vision_features(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, D) unit pooled features of the vision tower (its [CLS] after the last layer norm)."""
+        tower = model.model.vision_tower if hasattr(getattr(model, "model", None), "vision_tower") else model.vision_tower
+        return F.normalize(tower(pixel_values=pixels.to(tower.dtype)).pooler_output.float(), dim=-1)
+
+    @torch.no_grad()
+    def route_features(self, model: nn.Module, task: InstructTask, limit: int | None = None) -> torch.Tensor:
+        """(N, D) vision-tower features of ``task``'s training images (at most ``limit``, the first of a
+        fixed permutation), in eval mode."""
+        n = len(task.train)
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].tolist() if limit and limit < n \
+            else list(range(n))
+        samples = [task.train[i] for i in keep]
+        was_training = model.training
+        model.eval()
+        try:
+            return torch.cat([self._vision_features(model, self._pixels(task, samples[s : s + self.eval_batch_size]))
+                              for s in range(0, len(samples), self.eval_batch_size)])
+        finally:
+            model.train(was_training)
+
+    def evaluate(self, model: nn.Module, task: InstructTask, xtail: bool = False,
+                 routing: Routing | None = None) -> float:
         """Score (percent) of greedy answers on ``task.test``; logs MIF and a few examples."""
         if xtail:
             raise ValueError("X-TAIL (task-agnostic class union) is not defined for instruction tasks")
@@ -230,7 +263,7 @@ class InstructionTuning(TaskKind):
             raise ValueError(f"task {task.name!r}: unknown answer format {task.answer_format!r}; known: {FORMATS}")
         was_training = model.training
         model.eval()
-        answers = self.generate(model, task, task.test)
+        answers = self.generate(model, task, task.test, routing)
         model.train(was_training)
         refs = [s.targets for s in task.test]
         score = float(SCORERS[task.scorer](answers, refs))

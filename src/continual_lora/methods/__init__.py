@@ -15,6 +15,7 @@ from .o_lora import OLoRA, OLoRAConfig
 from .per_task_lora import PerTaskLoRA, PerTaskLoRAConfig
 from .sd_lora import SDLoRA, SDLoRAConfig
 from .zero_shot import ZeroShot, ZeroShotConfig
+from .task_router import PrototypeRouter, RouterConfig
 
 __all__ = [
     "METHODS", "LiLoRA", "LiLoRAConfig", "Method", "Rank1Pool", "Rank1PoolConfig", "SeqLoRA",
@@ -24,3 +25,4 @@ __all__ += ["EWC", "EWCConfig", "LwFVR", "LwFVRConfig", "Replay", "ReplayConfig"
             "ZSCL", "ZSCLConfig"]
 __all__ += ["JointLoRA", "JointLoRAConfig", "MoELoRA", "MoELoRAConfig", "OLoRA", "OLoRAConfig", "PerTaskLoRA",
             "PerTaskLoRAConfig", "SDLoRA", "SDLoRAConfig", "ZeroShot", "ZeroShotConfig"]
+__all__ += ["PrototypeRouter", "RouterConfig"]

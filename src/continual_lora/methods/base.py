@@ -11,8 +11,9 @@ task being trained; hooks that need no data beyond the batch ignore it)::
             loss = task_loss + sum(method.loss_terms(model, batch, context).values())
             ... backward, step ...
             method.after_step(model)
-        method.end_task(model, task, index, context)       merging, snapshots, records
-    with method.evaluating(model, task): ...               how to evaluate any task (seen or not)
+        method.end_task(model, task, index, context)       merging, snapshots, records, router statistics
+    with method.evaluating(model, task) as routing: ...    how to evaluate any task (seen or not; routing:
+                                                           a task router's per-sample choice, or None)
 
 A method never reaches into the trainer: it returns loss terms (already weighted) and the
 trainer adds them. All state that must survive a restart lives in the model's branches
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
@@ -48,7 +50,8 @@ from ..adapters import (
     use_task,
 )
 from ..adapters.inject import branches
-from ..contract import TaskContext
+from ..contract import Routing, TaskContext
+from .task_router import ROUTER_FILE, MethodRouting, PrototypeRouter
 
 
 class Method:
@@ -63,6 +66,11 @@ class Method:
         if not isinstance(self.config, self.config_cls):
             raise TypeError(f"{self.name} expects a {self.config_cls.__name__}, got {type(self.config).__name__}")
         self.trained_tasks: list[str] = []
+        # the task router of a task-id method whose config has one (task_router.py)
+        self.routing_mode: str = getattr(self.config, "task_router", "none")
+        self.router = (PrototypeRouter(self.config.router_metric, self.config.router_shrinkage)  # type: ignore[attr-defined]
+                       if self.routing_mode == "prototype" else None)
+        self._routing: tuple[Any, MethodRouting] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -82,6 +90,11 @@ class Method:
         pass
 
     def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
+        if self.router is not None:  # the frozen base model's features of the task's training inputs
+            ctx = self.need_context(context)
+            with disable_adapters(model):
+                features = ctx.kind.route_features(model, ctx.task, self.config.router_samples)  # type: ignore[attr-defined]
+            self.router.observe(task, features)
         self.trained_tasks.append(task)
 
     def need_context(self, context: TaskContext | None) -> TaskContext:
@@ -96,15 +109,21 @@ class Method:
 
     # --- evaluation ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def evaluating(self, model: nn.Module, task: str | None) -> Iterator[None]:
-        """Select the adapter to evaluate ``task`` with.
+    def evaluating(self, model: nn.Module, task: str | None) -> Iterator[Routing | None]:
+        """Select the adapter to evaluate ``task`` with; yields the routing the kind's evaluation
+        must use (None: the model as selected).
 
         Task-id methods use the task's own adapter; a task not trained yet sees the base
         model (its score is zero-shot transfer). ``task=None`` means no task id is given
-        (X-TAIL): task-id methods then fall back to the most recently trained adapter.
+        (X-TAIL): a task-id method with a task router (``task_router``) then yields its routing, which
+        picks a trained task per sample (with ``route: all`` it does so for every evaluation); one
+        without falls back to the most recently trained adapter.
         """
         if not self.uses_task_id:
             yield
+            return
+        if self.routing_mode != "none" and self.trained_tasks and (task is None or self.config.route == "all"):  # type: ignore[attr-defined]
+            yield self.routing(model)
             return
         if task is None and self.trained_tasks:
             task = self.trained_tasks[-1]
@@ -114,6 +133,16 @@ class Method:
         else:
             with disable_adapters(model):
                 yield
+
+    def routing(self, model: nn.Module) -> MethodRouting:
+        """The routing over the trained tasks (kept, with the classifiers a kind caches in it, until
+        the trained tasks change)."""
+        if self.routing_mode == "none":
+            raise ValueError(f"{self.name} has no task router (set task_router: prototype or confidence)")
+        key = (id(model), tuple(self.trained_tasks))
+        if self._routing is None or self._routing[0] != key:
+            self._routing = (key, MethodRouting(model, self.trained_tasks, self.routing_mode, self.router))
+        return self._routing[1]
 
     def prepare_inference(self, model: nn.Module, task: str | None = None) -> nn.Module:
         """The model for zero-overhead serving of ``task``: its update merged into the weights."""
@@ -130,11 +159,19 @@ class Method:
 
     def save(self, model: nn.Module, directory: str) -> None:
         save_adapter(model, directory, extra={"method": self.name, **self.extra_state()})
+        if self.router is not None:
+            self.router.save(directory, self.router.tasks)
 
     def load(self, model: nn.Module, directory: str) -> None:
         """Restore into a model built like the original (adapters injected or not)."""
         load_adapter(model, directory)
         self.load_extra_state(read_adapter_config(directory)["extra"])
+        if self.router is not None:
+            if not (Path(directory) / ROUTER_FILE).exists():
+                raise ValueError(f"{directory} was saved without a task router; this {self.name} has "
+                                 f"task_router: {self.routing_mode}")
+            self.router.load(directory)
+        self._routing = None
 
     # --- helpers ------------------------------------------------------------------------
     @staticmethod

@@ -11,21 +11,40 @@ For one frozen weight ``W0`` (out x in) and task t::
     per task:  P_t (out x s), Q_t (s x r), g_t scalar   s * (out + r) + 1 per layer
 
 Initialisation (release): A and Q_t kaiming-uniform (a = sqrt(5)), B0 = 0, P_t = 0, and
-g_t ~ N(0, 1) (``gate_init="normal"``) or a fixed logit. Schedule: task 0 trains A, B0 and its
-own factors; every later task trains A (unless ``freeze_shared_a``) and its own P, Q, g; B0 is
-frozen from the second task on (``freeze_shared_b_after_first_task``, the release's only
-stability device); earlier tasks' factors never change again.
+g_t ~ N(0, 1) (``gate_init="normal"``) or a fixed logit. Every task trains A (unless
+``freeze_shared_a``) and its own P, Q, g; earlier tasks' factors never change again. What keeps
+the shared basis B0 stable is ``stability``:
 
-Cosine stability loss (paper; absent from the release, formula not published, so this is an
-explicit choice): with M the shared matrix named by ``stability_target`` and M_prev its snapshot
-taken when task t >= 1 begins,
+``release`` (default; chanceche/LiLoRA): B0 trains on the first task only, then is frozen. No loss.
 
-    L_stab = mean over layers of mean over the r basis directions k of (1 - cos(M_k, M_prev_k))
+``paper`` (AAAI-26 paper, as given by an automatically generated digest of the PDF, a secondary
+source): B0 trains on every task, held in place by
 
-where the basis directions are the rows of A and the columns of B0 ("both" averages the two
-terms). A zero direction has cosine 0 (torch's eps), so it adds a constant 1 and no gradient.
-The method returns ``{"stability": lambda_stab * L_stab}`` for t >= 1; ``lambda_stab = 0`` is
-the release.
+    L_reg = (1 - sim_t) * || B0^(t) - B0^(t-1) ||_F^2,   sim_t = cos( vec(P_t Q_t), vec(P_{t-1} Q_{t-1}) )
+    L     = L_task + lambda * L_reg                        for every task t >= 1
+
+B0^(t-1) is B0 when task t begins (a snapshot), P_{t-1} Q_{t-1} the previous task's (frozen) inner
+product. The digest gives the formula and that B0 trains; these choices are this project's:
+
+* per layer: each adapted weight has its own B0, P, Q, so sim_t and the norm are per layer, and
+  ``paper_layer_reduce`` combines layers: ``mean`` (default; lambda then does not scale with the
+  number of adapted layers, as for ``a_cosine``) or ``sum`` (the formula read as one sum);
+* ``paper_detach_sim`` (default true): sim_t is a weight, no gradient flows through it, so the loss
+  moves only B0 (a gradient through sim_t would also pull P_t Q_t towards the previous task's
+  product, a second regulariser the source does not describe);
+* flattening: any order, as long as both products use the same one, gives the same cosine;
+* at the start of task t, P_t = 0 so sim_t = 0 (torch's cosine of a zero vector) and the whole
+  L2 term applies; as P_t Q_t grows towards the previous product the hold on B0 relaxes.
+
+The release is this loss's lambda -> infinity limit. ``lambda_stab`` is lambda.
+
+``a_cosine`` (this project's guess made before the paper's loss was known, kept for comparison):
+with M the shared matrix named by ``stability_target`` and M_prev its snapshot when task t >= 1
+begins, ``L_stab = mean over layers of mean over the r basis directions k of (1 - cos(M_k,
+M_prev_k))``: the rows of A, the columns of B0 ("both" averages the two). A zero direction has
+cosine 0 (torch's eps), so it adds a constant 1 and no gradient.
+
+The method returns ``{"stability": lambda_stab * L}`` for t >= 1 (``paper`` / ``a_cosine``).
 
 Each task's update is a plain rank-r LoRA (``scale * B_t``, ``A``): :func:`export_peft_lora`
 writes it as a stock peft adapter directory.
@@ -36,6 +55,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,23 +68,31 @@ from torch import nn
 from ..adapters import AdapterBranch, AdapterConfig, ParamCount, UnknownTaskError
 from ..adapters.inject import CONFIG_ATTR, adapted_layers
 from ..adapters.layers import AdaptedLinear
+from ..errors import ConfigDeprecationWarning
 from ..contract import TaskContext
 from .base import Method, open_task, register_method, typed_branches
+from .task_router import RouterConfig
 
 STABILITY_TARGETS = ("A", "B0", "both")
+STABILITY = ("release", "paper", "a_cosine")
+PAPER_LAMBDA = 1.0  # lambda of `paper` when not given (docs/results.md: the validation sweep)
+A_COSINE_LAMBDA = 0.1  # lambda of `a_cosine` when not given (docs/results.md: the validation sweep)
 
 
 @dataclass
-class LiLoRAConfig(AdapterConfig):
+class LiLoRAConfig(RouterConfig, AdapterConfig):
     rank: int = 128  # r, rank of the shared A and of every task's update (release: 128)
     alpha: float = 256.0  # update scale is alpha / rank (release: 256, scale 2)
     inner_rank: int = 64  # s, rank of each task's inner product P_t Q_t (release: 64)
     dropout: float = 0.05  # dropout on the input of A only (release: 0.05)
     gate_init: Literal["normal"] | float = "normal"  # "normal": g_t ~ N(0, 1) (release), or a fixed gate logit
-    freeze_shared_b_after_first_task: bool = True  # B0 trains on the first task only (release)
+    stability: Literal["release", "paper", "a_cosine"] = "release"  # what holds the shared basis (docstring)
+    lambda_stab: float | None = None  # weight of the paper / a_cosine loss; null: PAPER_LAMBDA / A_COSINE_LAMBDA
+    paper_layer_reduce: Literal["mean", "sum"] = "mean"  # paper: combine the layers' L_reg by mean or sum
+    paper_detach_sim: bool = True  # paper: sim_t is a constant weight (no gradient through it)
+    stability_target: Literal["A", "B0", "both"] = "A"  # a_cosine: the shared matrix it compares
+    freeze_shared_b_after_first_task: bool | None = None  # null: as `stability` says (release / a_cosine: true)
     freeze_shared_a: bool = False  # freeze A from the second task on (release: A always trains)
-    stability_target: Literal["A", "B0", "both"] = "A"  # shared matrix of the cosine stability loss: "A", "B0" or "both"
-    lambda_stab: float = 0.0  # weight of the stability loss for tasks t >= 1 (0 = release)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,15 +109,39 @@ class LiLoRAConfig(AdapterConfig):
             raise ValueError(f"gate_init must be 'normal' (release) or a finite gate logit, got {gate!r}")
         if not isinstance(gate, str):
             self.gate_init = float(gate)
+        if self.stability not in STABILITY:
+            raise ValueError(f"stability must be one of {STABILITY}, got {self.stability!r}")
         if self.stability_target not in STABILITY_TARGETS:
             raise ValueError(f"stability_target must be one of {STABILITY_TARGETS}, got {self.stability_target!r}")
+        if self.stability == "release" and self.lambda_stab:  # continual-lora <= 0.2: lambda alone meant a_cosine
+            warnings.warn(f"lilora: lambda_stab={self.lambda_stab} with stability 'release' (which has no loss) is "
+                          "read as stability: a_cosine, the loss it meant up to version 0.2; set `stability: "
+                          "a_cosine` (or `paper`) explicitly", ConfigDeprecationWarning, stacklevel=3)
+            self.stability = "a_cosine"
+        if self.lambda_stab is None:
+            self.lambda_stab = {"release": 0.0, "paper": PAPER_LAMBDA, "a_cosine": A_COSINE_LAMBDA}[self.stability]
+        self.lambda_stab = float(self.lambda_stab)
         if not math.isfinite(self.lambda_stab) or self.lambda_stab < 0:
             raise ValueError(f"lambda_stab must be a finite number >= 0, got {self.lambda_stab!r}")
-        if self.lambda_stab > 0 and self.stability_target == "B0" and self.freeze_shared_b_after_first_task:
+        if self.freeze_shared_b_after_first_task is None:
+            self.freeze_shared_b_after_first_task = self.stability != "paper"
+        if self.stability == "paper" and self.freeze_shared_b_after_first_task:
+            raise ValueError("stability 'paper' trains B0 on every task (its loss holds B0 in place): "
+                             "freeze_shared_b_after_first_task must be false or null")
+        if (self.stability == "a_cosine" and self.lambda_stab > 0 and self.stability_target == "B0"
+                and self.freeze_shared_b_after_first_task):
             raise ValueError(
                 "stability_target='B0' with freeze_shared_b_after_first_task=True: B0 never moves after the "
                 "snapshot, so the loss is constant; use target 'A' or unfreeze B0"
             )
+
+    def snapshot_names(self) -> tuple[str, ...]:
+        """The shared tensors the stability loss compares with a snapshot (none without a loss)."""
+        if self.lambda_stab == 0 or self.stability == "release":
+            return ()
+        if self.stability == "paper":
+            return ("B0",)
+        return {"A": ("A",), "B0": ("B0",), "both": ("A", "B0")}[self.stability_target]
 
     def build_branch(self, in_features: int, out_features: int) -> "LiLoRABranch":
         return LiLoRABranch(in_features, out_features, self)
@@ -97,6 +149,8 @@ class LiLoRAConfig(AdapterConfig):
 
 class LiLoRABranch(AdapterBranch):
     """Shared ``A`` / ``B0`` owned once per layer; per-task ``P[t]``, ``Q[t]``, ``g[t]``."""
+
+    supports_per_sample = True
 
     def __init__(self, in_features: int, out_features: int, config: LiLoRAConfig) -> None:
         super().__init__(in_features, out_features)
@@ -111,9 +165,8 @@ class LiLoRABranch(AdapterBranch):
         self.Q = nn.ParameterDict()  # task -> (s, r)
         self.g = nn.ParameterDict()  # task -> () gate logit
         # snapshots of the shared tensors the stability loss compares with (saved with the adapter);
-        # none at lambda_stab = 0, so the release setting stores nothing extra
-        targets = {"A": ("A",), "B0": ("B0",), "both": ("A", "B0")}[config.stability_target]
-        self.snapshot_names = targets if config.lambda_stab > 0 else ()
+        # none without a loss, so the release setting stores nothing extra
+        self.snapshot_names = config.snapshot_names()
         for name in self.snapshot_names:
             self.register_buffer(f"{name}_prev", getattr(self, name).detach().clone())
 
@@ -150,6 +203,8 @@ class LiLoRABranch(AdapterBranch):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         h = F.linear(self.dropout(x.to(self.A.dtype)), self.A)  # (..., r)
+        if self.sample_groups is not None:  # a mixed batch: A is shared, B_t per sample's task
+            return self.per_sample(h, lambda rows, task: F.linear(rows, self.up(task))) * self.scale
         return F.linear(h, self.up()) * self.scale
 
     def delta_weight(self, task: str | None = None) -> torch.Tensor:  # (out, in)
@@ -161,8 +216,17 @@ class LiLoRABranch(AdapterBranch):
         for name in self.snapshot_names:
             getattr(self, f"{name}_prev").copy_(getattr(self, name))
 
+    def paper_loss(self, task: str, previous: str, detach_sim: bool = True) -> torch.Tensor:
+        """``(1 - cos(vec(P_t Q_t), vec(P_prev Q_prev))) * ||B0 - B0_prev||_F^2`` (scalar)."""
+        current = (self.P[task] @ self.Q[task]).flatten()
+        before = (self.P[previous] @ self.Q[previous]).detach().flatten()
+        sim = F.cosine_similarity(current, before, dim=0)
+        if detach_sim:
+            sim = sim.detach()
+        return (1 - sim) * (self.B0 - self.B0_prev).square().sum()
+
     def stability_loss(self) -> torch.Tensor:
-        """Mean over the r basis directions of ``1 - cos`` to the snapshot (scalar)."""
+        """a_cosine: mean over the r basis directions of ``1 - cos`` to the snapshot (scalar)."""
         terms = []
         for name in self.snapshot_names:
             dim = 1 if name == "A" else 0  # rows of A (r, in); columns of B0 (out, r)
@@ -180,10 +244,19 @@ def lilora_branches(model: nn.Module) -> dict[str, LiLoRABranch]:
 
 
 def stability_loss(model: nn.Module) -> torch.Tensor:
-    """Unweighted ``L_stab``: the mean over adapted layers of each branch's stability loss."""
+    """Unweighted a_cosine ``L_stab``: the mean over adapted layers of each branch's loss."""
     losses = [b.stability_loss() for b in lilora_branches(model).values()]
     device = losses[0].device
     return sum(loss.to(device) for loss in losses) / len(losses)
+
+
+def paper_loss(model: nn.Module, task: str, previous: str, reduce: str = "mean",
+               detach_sim: bool = True) -> torch.Tensor:
+    """Unweighted paper ``L_reg`` of ``task`` against ``previous``: each layer's term, summed or averaged."""
+    losses = [b.paper_loss(task, previous, detach_sim) for b in lilora_branches(model).values()]
+    device = losses[0].device
+    total = sum(loss.to(device) for loss in losses)
+    return total / len(losses) if reduce == "mean" else total
 
 
 @register_method
@@ -211,9 +284,17 @@ class LiLoRA(Method):
         self.task_index = index
 
     def loss_terms(self, model: nn.Module, batch: Any = None, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
-        if self.config.lambda_stab == 0 or self.task_index < 1:
+        config = self.config
+        if not config.snapshot_names() or self.task_index < 1:
             return {}
-        return {"stability": self.config.lambda_stab * stability_loss(model)}
+        if config.stability == "paper":
+            branch = next(iter(lilora_branches(model).values()))
+            task = branch.resolve_task(None)
+            previous = branch.tasks[branch.tasks.index(task) - 1]  # tasks are kept in training order
+            loss = paper_loss(model, task, previous, config.paper_layer_reduce, config.paper_detach_sim)
+        else:
+            loss = stability_loss(model)
+        return {"stability": config.lambda_stab * loss}
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "task_index": self.task_index}

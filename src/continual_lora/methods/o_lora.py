@@ -52,6 +52,8 @@ class OLoRAConfig(LoRAConfig):
 class OLoRABranch(LoRABranch):
     """Per-task ``A[t]``, ``B[t]`` as in LoRA; the forward sums all tasks up to the active one."""
 
+    supports_per_sample = False  # its forward sums tasks; no mixed batch
+
     def upto(self, task: str | None = None) -> list[str]:
         """The tasks whose LoRAs are summed: every task up to ``task`` (default: the active one)."""
         task = self.resolve_task(task)

@@ -8,7 +8,8 @@ Task t trains only its own ``A_t, B_t`` (new, A kaiming-uniform, B = 0, so it st
 base model); every earlier task's factors are frozen and never change again, so there is no
 forgetting by construction. Evaluation needs the task id: task i is scored with its own adapter,
 a task not trained yet with the base model (the :class:`Method` default), and without a task id
-(X-TAIL) with the most recent adapter. Storage grows by one LoRA per task.
+(X-TAIL) with the adapter its task router picks per sample (``task_router``), or with no router the
+most recent adapter. Storage grows by one LoRA per task.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from torch import nn
 from ..adapters import LoRABranch, LoRAConfig
 from ..contract import TaskContext
 from .base import Method, open_task, register_method, typed_branches
+from .task_router import RouterConfig
 
 
 @dataclass
-class PerTaskLoRAConfig(LoRAConfig):
-    """Plain LoRA hyper-parameters (``rank``, ``alpha``, ``dropout``, ``init``); one LoRA per task."""
+class PerTaskLoRAConfig(RouterConfig, LoRAConfig):
+    """Plain LoRA hyper-parameters (``rank``, ``alpha``, ``dropout``, ``init``), one LoRA per task; and
+    the task router that picks one when no task id is given (``task_router``, methods/task_router.py)."""
 
 
 

@@ -57,6 +57,8 @@ def frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class SDLoRABranch(LoRABranch):
     """LoRA factors per task plus ``magnitude[t]`` (a learnable scalar) and a ``closed_<t>`` flag buffer."""
 
+    supports_per_sample = False  # its forward sums tasks; no mixed batch
+
     def __init__(self, in_features: int, out_features: int, config: SDLoRAConfig) -> None:
         super().__init__(in_features, out_features, config)
         self.magnitude_init = float(config.magnitude_init)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..contract import Gather, TaskKind, no_gather
+from ..contract import Gather, Routing, TaskKind, no_gather
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -190,10 +190,11 @@ class Runtime:
         """Raise unless every rank holds bit-identical weights, adapters and buffers (one process: nothing)."""
 
     # --- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, kind: TaskKind, model: nn.Module, task: Any, xtail: bool = False) -> float:
+    def evaluate(self, kind: TaskKind, model: nn.Module, task: Any, xtail: bool = False,
+                 routing: Routing | None = None) -> float:
         """The kind's score of ``task`` (percent), under this runtime's autocast."""
         with self.autocast():
-            return float(kind.evaluate(model, task, xtail=xtail))
+            return float(kind.evaluate(model, task, xtail=xtail, routing=routing))
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

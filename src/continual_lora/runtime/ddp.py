@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..contract import Gather, TaskKind
+from ..contract import Gather, Routing, TaskKind
 from .base import Engine, Runtime
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -190,15 +190,16 @@ class DataParallel(Runtime):
                                    f"e.g. {differ[:5]}")
 
     # --- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, kind: TaskKind, model: nn.Module, task: Any, xtail: bool = False) -> float:
+    def evaluate(self, kind: TaskKind, model: nn.Module, task: Any, xtail: bool = False,
+                 routing: Routing | None = None) -> float:
         """Each rank scores a shard of the test set; the sums are all-reduced (a kind that cannot
-        shard is scored whole on every rank)."""
+        shard is scored whole on every rank). A router's counts stay per rank (the trainer sums them)."""
         shard = kind.test_shard(task, self.rank, self.world_size)
         if shard is None:
-            return super().evaluate(kind, model, task, xtail)
+            return super().evaluate(kind, model, task, xtail, routing)
         n = kind.num_test(shard)
         with self.autocast():
-            score = float(kind.evaluate(model, shard, xtail=xtail)) if n else 0.0
+            score = float(kind.evaluate(model, shard, xtail=xtail, routing=routing)) if n else 0.0
         weighted = score * n / 100.0  # percent -> number of correct samples
         if kind.protocol == "mtil":
             weighted = float(round(weighted))  # accuracies: correct counts are integers

@@ -89,7 +89,8 @@ def _coerce_sequence(value: Any, hint: Any, path: str) -> Any:
     """YAML lists -> tuples for tuple fields; dict items -> dataclasses for sequences of dataclasses."""
     if not isinstance(value, list):
         return value
-    for option in typing.get_args(hint) or (hint,):
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for option in typing.get_args(hint) if union else (hint,):  # (a tuple hint's own args are its items)
         origin = typing.get_origin(option)
         if origin not in (tuple, list):
             continue

@@ -30,6 +30,7 @@ from ..models import ModelConfig, PretrainConfig
 from ..storage import atomic_write
 from ..version import __version__
 from . import plots
+from .tracking import LoggingConfig, RunLogger, check_trackers
 
 RESULTS = "results.json"
 
@@ -48,6 +49,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logit_scale: float = 100.0  # logits = scale * cosine (frozen, as in the DAC release)
     methods: list[dict] = field(default_factory=lambda: [{"name": "seq_lora"}])  # method entries
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # trackers besides <run dir>/metrics.jsonl
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -103,6 +105,11 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def run_record(config: RunConfig, label: str, method: Method) -> dict[str, Any]:
+    """The run config of one method as results.json records it (export reads it back)."""
+    return {**to_dict(config), "methods": [to_dict(method.config)], "label": label}
+
+
 def results_dict(config: RunConfig, label: str, method: Method, state: RunState, model: torch.nn.Module,
                  protocol: str) -> dict[str, Any]:
     matrix = state.matrix
@@ -141,7 +148,7 @@ def results_dict(config: RunConfig, label: str, method: Method, state: RunState,
         "train_losses": state.train_losses,
         "grad_norms": state.grad_norms,
         "peak_memory_mb": round(peak_memory_mb(config.train.device), 1),
-        "config": {**to_dict(config), "methods": [to_dict(method.config)], "label": label},
+        "config": run_record(config, label, method),
         "versions": versions(),
     })
     return out
@@ -165,6 +172,7 @@ def run_method(config: RunConfig, label: str, method: Method, resume: bool = Fal
     """
     benchmark = BENCHMARKS[config.benchmark.name]
     benchmark.check(config.benchmark, run_settings(config))  # e.g. a missing model fails before anything runs
+    check_trackers(config.logging)
     runtime = runtime_for(config.train)
     if runtime.device != config.train.device:  # "cuda" -> this rank's "cuda:<local rank>"
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=runtime.device))
@@ -180,16 +188,33 @@ def run_method(config: RunConfig, label: str, method: Method, resume: bool = Fal
         out = {**results_dict(config, label, method, state, model, kind.protocol), "runtime": runtime.describe()}
         return kind.extra_results(out)  # a kind's own numbers (cvit: MIF)
 
+    logger = None  # metrics.jsonl and the trackers: rank 0 only
+    if runtime.is_main:
+        logger = RunLogger(run_dir, config.logging, name=config.name, label=label,
+                           store=Path(config.output_dir) / config.name, config=run_record(config, label, method),
+                           protocol=kind.protocol)
+
+    def task_end(state: RunState) -> None:
+        results = results_of(state)
+        write_results(run_dir, results)
+        logger.task_end(state, results)
+
     trainer = ContinualTrainer(
-        model, method, kind, tasks, train, checkpoint_dir=run_dir, xtail=xtail,
-        on_task_end=(lambda state: write_results(run_dir, results_of(state))) if runtime.is_main else None,
-        runtime=runtime,
+        model, method, kind, tasks, train, checkpoint_dir=run_dir, xtail=xtail, runtime=runtime,
+        on_task_end=task_end if logger else None, on_step=logger.step if logger else None,
+        on_start=logger.start if logger else None,
     )
     if runtime.is_main:
         log(f"[{label}] {len(tasks)} tasks: {', '.join(t.name for t in tasks)} -> {run_dir}")
-    state = trainer.run(resume=resume)
+    try:
+        state = trainer.run(resume=resume)
+    except BaseException:
+        if logger is not None:
+            logger.close(ok=False)
+        raise
     results = results_of(state)
-    if runtime.is_main:
+    if logger is not None:
         write_results(run_dir, results)
+        logger.finish(results)
     runtime.barrier()
     return results

@@ -16,7 +16,8 @@ from typing import Literal
 from ..config import ConfigError
 from ..data.domains import DOMAINS, domain_task
 from ..kinds.clip import ClipClassification, ImageTask
-from ..models.clip import check_model, load_clip
+from ..models.clip import check_model, clip_source_model, load_clip
+from ..models.source import SourceModel
 from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
 
 _ORDER_II = ("mnist", "textile", "animals", "fashion", "colors", "digits", "shapes")
@@ -84,4 +85,8 @@ def build(bench: MtilMiniConfig, run: RunSettings) -> Stream:
     return Stream(model, kind, tasks, xtail=bench.xtail)
 
 
-BENCHMARK = Benchmark(MtilMiniConfig, build, check)
+def source(bench: MtilMiniConfig, run: RunSettings) -> SourceModel:
+    return clip_source_model(run.model, run.pretrain, seed=run.seed, progress=run.progress)
+
+
+BENCHMARK = Benchmark(MtilMiniConfig, build, check, source)

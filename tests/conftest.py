@@ -33,7 +33,7 @@ from transformers import (
 
 from continual_lora.adapters import LoRAConfig, add_task, branches, inject_adapters
 from continual_lora.benchmarks import Benchmark, BenchmarkConfig, RunSettings, Stream
-from continual_lora.continual import ContinualTrainer, RunState, TrainConfig
+from continual_lora.continual import ContinualTrainer, RunState, StepLog, TrainConfig
 from continual_lora.contract import TaskKind
 from continual_lora.kinds.clip import ClipClassification, ImageTask
 from continual_lora.methods import Method
@@ -260,9 +260,11 @@ def one_thread() -> Iterator[None]:
 
 def continual_trainer(base: nn.Module, method: Method, kind: TaskKind, tasks: Sequence[Any], train: TrainConfig, *,
                       tmp: str | Path | None = None, stop_after: int | None = None,
-                      on_end: Callable[[RunState], None] | None = None, xtail: bool = False) -> ContinualTrainer:
+                      on_end: Callable[[RunState], None] | None = None, xtail: bool = False,
+                      on_step: Callable[[StepLog], None] | None = None) -> ContinualTrainer:
     """A trainer on a deep copy of ``base``, checkpointing to ``tmp``. After each task's checkpoint it
-    calls ``on_end(state)``, then raises KeyboardInterrupt once ``stop_after`` tasks are done."""
+    calls ``on_end(state)``, then raises KeyboardInterrupt once ``stop_after`` tasks are done;
+    ``on_step`` is the trainer's per-step callback."""
 
     def end(state: RunState) -> None:
         if on_end is not None:
@@ -271,17 +273,17 @@ def continual_trainer(base: nn.Module, method: Method, kind: TaskKind, tasks: Se
             raise KeyboardInterrupt  # a run killed right after a checkpoint
 
     return ContinualTrainer(copy.deepcopy(base), method, kind, tasks, train, checkpoint_dir=tmp, xtail=xtail,
-                            on_task_end=end)
+                            on_task_end=end, on_step=on_step)
 
 
 def run_stream(base: nn.Module, method: Method, kind: TaskKind, tasks: Sequence[Any], train: TrainConfig, *,
                tmp: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
-               on_end: Callable[[RunState], None] | None = None,
-               xtail: bool = False) -> tuple[RunState, ContinualTrainer]:
+               on_end: Callable[[RunState], None] | None = None, xtail: bool = False,
+               on_step: Callable[[StepLog], None] | None = None) -> tuple[RunState, ContinualTrainer]:
     """Run a :func:`continual_trainer` to its end (or its stop), from the checkpoint in ``tmp`` if
     ``resume``; returns (the final state, the trainer)."""
     trainer = continual_trainer(base, method, kind, tasks, train, tmp=tmp, stop_after=stop_after, on_end=on_end,
-                                xtail=xtail)
+                                xtail=xtail, on_step=on_step)
     return trainer.run(resume=resume), trainer
 
 
@@ -320,3 +322,38 @@ def synthetic(monkeypatch, tmp_path) -> Path:
     path = tmp_path / "synthetic.yaml"
     path.write_text(SYNTHETIC_RUN)
     return path
+
+
+# --- one real two-task run through the public CLI, with every tracker (test_tracking.py, test_export.py) ------
+TINY_RUN = """
+name: exp
+benchmark: {domains: [digits, animals], shots: 2, max_test_per_task: 20}
+model: {source: random, clip_config: tiny}
+train: {iterations: 4, batch_size: 8, progress: false}
+logging: {trackers: [tensorboard, wandb, mlflow], every: 3}
+methods:
+  - {name: lilora, rank: 2, inner_rank: 1, alpha: 4.0, dropout: 0.0}
+  - {name: rank1_pool, rank: 4, top_r: 2, alpha: 8.0, dropout: 0.0}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """``continual-lora run`` of TINY_RUN (a random-init tiny CLIP on two mtil-mini domains, 4 steps per
+    task, logging every 3rd step to TensorBoard, W&B offline and MLflow's file store); -> runs/exp."""
+    from continual_lora.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    (root / "tiny.yaml").write_text(TINY_RUN)
+    cache = os.environ.get("CONTINUAL_LORA_TEST_CACHE", str(root / "cache"))
+    saved = {k: os.environ.get(k) for k in ("CONTINUAL_LORA_CACHE", "WANDB_MODE")}
+    os.environ.update(CONTINUAL_LORA_CACHE=cache, WANDB_MODE="offline")  # offline twice over: never the network
+    try:
+        assert main(["run", str(root / "tiny.yaml"), f"output_dir={root / 'runs'}"]) == 0
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return root / "runs" / "exp"

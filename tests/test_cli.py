@@ -12,7 +12,7 @@ import pytest
 
 from continual_lora.app.runner import RunConfig, build_methods
 from continual_lora.cli import load_yaml, main
-from continual_lora.config import ConfigError, from_dict
+from continual_lora.config import ConfigError, from_dict, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,7 @@ def test_every_shipped_yaml_loads(path) -> None:
     if "methods" in data or "benchmark" in data or "train" in data:
         config = from_dict(RunConfig, data)
         assert build_methods(config)
+        assert from_dict(RunConfig, json.loads(json.dumps(to_dict(config)))) == config  # results.json -> export
     else:
         pytest.fail(f"{path} is not a run config")
 

@@ -39,6 +39,7 @@ benchmark: {domains: [digits, textile], shots: 3, max_test_per_task: 40}
 pretrain: {steps: 8, batch_size: 16, warmup: 2, vision_layers: 1, text_layers: 1, vision_width: 32, text_width: 32,
            vision_heads: 2, text_heads: 2, vision_mlp: 64, text_mlp: 64, projection_dim: 16}
 train: {iterations: 4, batch_size: 8, grad_accum: 2, lr: 5.0e-3, progress: false}
+logging: {trackers: [tensorboard]}
 methods:
   - {name: rank1_pool, rank: 4, top_r: 2, alpha: 4.0, dropout: 0.0}
   - {name: lilora, rank: 2, inner_rank: 1, alpha: 4.0, dropout: 0.0, stability: a_cosine, lambda_stab: 0.1}
@@ -187,8 +188,26 @@ def test_only_rank_zero_reports_and_writes(runs, mode) -> None:
     assert all(out.count(f"| {method} |") == 1 for method in METHODS)
     for method in METHODS:
         names = {p.name for p in (runs / mode / "dist" / method).iterdir()}
-        assert {"results.json", "checkpoint", "rank1", "accuracy_matrix.csv"} <= names
+        assert {"results.json", "checkpoint", "rank1", "accuracy_matrix.csv", "metrics.jsonl"} <= names
         assert not any(n.startswith(".") for n in names)  # no half-written checkpoint left behind
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", LAUNCHERS)
+def test_only_rank_zero_logs(runs, mode) -> None:
+    """metrics.jsonl and TensorBoard: one writer (rank 0), the same events and steps as one process."""
+    for method in METHODS:
+        one, two = _events(runs / "single" / "dist" / method), _events(runs / mode / "dist" / method)
+        assert [e["event"] for e in two] == [e["event"] for e in one]  # a second rank would add its own
+        step = lambda e: (e.get("task_index"), e.get("step"), e.get("global_step"), e.get("lr"))  # noqa: E731
+        assert [step(e) for e in two] == [step(e) for e in one]
+        rows = [list(e["accuracy"].values()) for e in two if e["event"] == "task"]
+        assert rows == results(runs, mode, method)["matrix"]
+        files = list((runs / mode / "dist" / method / "tensorboard").glob("events.out.tfevents.*"))
+        assert files and len({f.name.rsplit(".", 2)[1] for f in files}) == 1  # one process id
 
 
 @pytest.fixture

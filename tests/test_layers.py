@@ -3,7 +3,9 @@
 Every module of ``continual_lora`` belongs to a component (a subpackage or a top-level module); the
 components form layers, lowest first. A module may import its own component and any component of a
 lower layer, never a higher or same-layer one, and never the package root (a cycle: the root's
-``__init__`` imports the adapter core and the methods). Imports inside functions count too.
+``__init__`` imports the adapter core and the methods). Imports inside functions count too. The
+package root (the public facade) imports only the adapter core and the methods at module level; a
+higher layer only inside its module-level ``__getattr__`` (PEP 562: imported on first access).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ LAYERS: list[tuple[str, ...]] = [  # lowest first; keep in step with docs/archit
 ]
 RANK = {component: rank for rank, layer in enumerate(LAYERS) for component in layer}
 FACADE = {"version", "adapters", "methods"}  # what the package root may import (its public API)
+LAZY = "__getattr__"  # the root's module-level function that may import higher layers on first access
 
 
 def module_name(path: Path) -> str:
@@ -68,6 +71,14 @@ def component(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] in RANK else None
 
 
+def lazy_lines(path: Path) -> set[int]:
+    """Lines of the module-level ``__getattr__`` function of ``path`` (empty if it has none)."""
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.FunctionDef) and node.name == LAZY:
+            return set(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    return set()
+
+
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 
@@ -79,11 +90,12 @@ def test_every_module_belongs_to_a_layer() -> None:
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_run_one_way(path: Path) -> None:
     own = component(module_name(path))
+    lazy = lazy_lines(path) if own is None else set()
     wrong = []
     for line, module in imported_modules(path):
         target = component(module)
-        if own is None:  # the package root: its public API only
-            if target not in FACADE:
+        if own is None:  # the package root: its public API; higher layers only inside __getattr__
+            if target is None or (target not in FACADE and line not in lazy):
                 wrong.append(f"line {line}: the package root imports {module}")
         elif target is None:
             wrong.append(f"line {line}: imports the package root ({module}); import the defining module instead")
@@ -99,6 +111,20 @@ def test_the_checker_resolves_relative_and_function_level_imports() -> None:
     cli = {m for _, m in imported_modules(PACKAGE / "cli.py")}
     assert "continual_lora.app.runner.run_method" in cli  # imported inside cmd_run
     assert component("continual_lora.app.runner.run_method") == "app" and component("continual_lora") is None
+
+
+def test_the_root_imports_the_application_only_lazily() -> None:
+    """``continual_lora.export_hf`` comes from the application layer, imported inside ``__getattr__``."""
+    root = PACKAGE / "__init__.py"
+    lazy = lazy_lines(root)
+    late = {m for line, m in imported_modules(root) if line in lazy}
+    assert lazy and late == {"continual_lora.app.export"}, late
+    assert all(component(m) in FACADE for line, m in imported_modules(root) if line not in lazy)
+    from continual_lora.app.export import export_hf, export_peft
+
+    assert continual_lora.export_hf is export_hf and continual_lora.export_peft is export_peft
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        continual_lora.nosuch  # noqa: B018
 
 
 def test_importing_the_library_does_not_import_the_trainer_or_the_application() -> None:

@@ -270,14 +270,6 @@ def test_peft_export_round_trip_small(tmp_path) -> None:
         export_peft_lora(model, "nope", tmp_path / "nope")
 
 
-def test_peft_export_refuses_multihead_attention(tmp_path) -> None:
-    model = nn.Sequential(nn.MultiheadAttention(8, 2))
-    inject_adapters(model, LiLoRAConfig(targets=("q_proj", "v_proj"), rank=2, alpha=2.0, inner_rank=1))
-    add_task(model, "t0")
-    with pytest.raises(NotImplementedError, match="MultiheadAttention"):
-        export_peft_lora(model, "t0", tmp_path / "mha")
-
-
 TINY_CLIP = dict(special_ids={}, intermediate_size=37)  # transformers' default special ids, odd MLP width
 
 

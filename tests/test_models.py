@@ -14,6 +14,7 @@ from continual_lora.models.clip import (
     MissingModelError,
     ModelConfig,
     check_model,
+    clip_source_model,
     load_clip,
     random_clip_config,
 )
@@ -69,6 +70,20 @@ def test_hf_source_loads_local_files_and_folds_the_pixel_normalisation(hf_dir) -
         torch.testing.assert_close(encode_images(model, images), expected.detach(), rtol=1e-4, atol=1e-5)
     x = torch.tensor([0.0, 0.5, 1.0])  # the benchmark's convention: (x - 0.5) / 0.5
     assert torch.equal(normalize_images(x), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_hf_source_model_is_the_checkpoint_as_shipped(hf_dir, tmp_path) -> None:
+    """What export merges into: the checkpoint's own weights (no folded normalisation), where it loads
+    from, and its tokenizer / processor files."""
+    source = clip_source_model(ModelConfig(source="hf", path=str(hf_dir)), PretrainConfig())
+    original = CLIPModel.from_pretrained(hf_dir, local_files_only=True).state_dict()
+    state = source.model.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
+    assert source.source == str(hf_dir.resolve())
+    source.write_preprocessing(tmp_path)
+    copied = {p.name for p in tmp_path.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= copied
+    assert not copied & {"model.safetensors", "config.json"}
 
 
 def test_zscl_random_sentences_work_with_a_transformers_tokenizer(hf_dir) -> None:

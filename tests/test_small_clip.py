@@ -109,3 +109,27 @@ def test_pretraining_is_deterministic(cache) -> None:
     a = pt._train(TINY, tok, progress=False)
     b = pt._train(TINY, tok, progress=False)
     assert torch.equal(a.text_projection.weight, b.text_projection.weight)
+
+
+def test_word_tokenizer_as_a_transformers_tokenizer_gives_the_same_ids(tmp_path) -> None:
+    """What export writes beside the small CLIP: transformers' AutoTokenizer, loaded with no continual-lora
+    code, encodes every benchmark prompt (and unknown words, punctuation, case, overflow) as we do."""
+    from transformers import AutoTokenizer
+
+    tokenizer = pt.build_tokenizer(pt.PretrainConfig())
+    tokenizer.to_transformers().save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    texts = [t.format(c) for name in mm.KNOWN_DOMAINS for c, t in zip(*_prompts(name))]
+    texts += ["A PHOTO of a Cat!", "snake_case and   spaces", "zzz unknown-words, 42x", "word " * 40, ""]
+    enc = loaded(texts, padding="max_length", truncation=True, max_length=tokenizer.context_length,
+                 return_tensors="pt")
+    ids, mask = tokenizer(texts)
+    assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["attention_mask"], mask)
+    assert (ids == tokenizer.unk_id).any() and mask[-2].all()  # unknown words; the overflow is truncated
+
+
+def _prompts(name: str) -> tuple[list[str], list[str]]:
+    """Every (class, template) pair of a domain, as two aligned lists."""
+    classes, templates = mm.domain_prompts(name)
+    pairs = [(c, t) for c in classes for t in templates]
+    return [c for c, _ in pairs], [t for _, t in pairs]

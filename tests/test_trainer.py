@@ -12,7 +12,7 @@ from conftest import METHOD_ARGS, TASKS, TRAIN, run_stream
 from torch import nn
 
 from continual_lora.adapters import branches
-from continual_lora.continual import TrainConfig
+from continual_lora.continual import TrainConfig, warmup_cosine
 from continual_lora.methods import METHODS, build_method
 from continual_lora.methods.seq_lora import SeqLoRA
 
@@ -105,6 +105,35 @@ def test_trainer_adds_the_methods_loss_terms(clip_stream) -> None:
     # AdamW moves each B entry by about lr per step towards 1: ~18 steps * lr 5e-3 (less warm-up/decay)
     assert mean_b > 0.03, (mean_b, plain_b)
     assert abs(plain_b) < mean_b / 3, (mean_b, plain_b)
+
+
+def test_step_callback_reports_each_step_its_loss_terms_lr_and_global_step(clip_stream, tmp_path) -> None:
+    """``on_step`` gets every optimiser step: the total = task loss + the method's terms, the scheduled
+    learning rate, the gradient norm, and a global step that a resumed run continues."""
+    kind, base = clip_stream
+    name = "rank1_pool"  # a method with a loss term ("ago", zero on the first task)
+    logs: list = []
+    state, _ = run_stream(base, build_method(name, **METHOD_ARGS[name]), kind, TASKS, TRAIN, on_step=logs.append)
+    steps = TRAIN.iterations
+    assert state.task_steps == [steps] * 3
+    assert [log.global_step for log in logs] == list(range(1, 3 * steps + 1))
+    assert [(log.task_index, log.task, log.step) for log in logs] == [
+        (j, t.name, k) for j, t in enumerate(TASKS) for k in range(1, steps + 1)]
+    schedule = warmup_cosine(steps, int(TRAIN.warmup_ratio * steps), TRAIN.lr, TRAIN.min_lr)
+    for log in logs:
+        assert set(log.terms) == {"ago"} and log.loss == pytest.approx(log.task_loss + log.terms["ago"], abs=1e-6)
+        assert log.lr == pytest.approx(TRAIN.lr * schedule(log.step - 1), rel=1e-9)
+        assert log.grad_norm is not None and log.grad_norm > 0
+    assert all(log.terms["ago"] == 0 for log in logs[:steps]) and any(log.terms["ago"] > 0 for log in logs[steps:])
+    # the tail mean of results.json is over the same numbers (6 steps: the last 10 % is the last step)
+    assert state.train_losses == [logs[steps * (j + 1) - 1].loss for j in range(3)]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(base, build_method(name, **METHOD_ARGS[name]), kind, TASKS, TRAIN, tmp=tmp_path, stop_after=1)
+    resumed: list = []
+    run_stream(base, build_method(name, **METHOD_ARGS[name]), kind, TASKS, TRAIN, tmp=tmp_path, resume=True,
+               on_step=resumed.append)
+    assert resumed == logs[steps:]  # same steps, same global step numbers, same losses
 
 
 def test_task_id_methods_see_the_base_model_on_future_tasks(clip_stream) -> None:

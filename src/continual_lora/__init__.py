@@ -4,8 +4,11 @@ The layers, lowest first (each imports only from those before it; docs/architect
 tests/test_layers.py): ``adapters`` -> ``contract`` -> ``methods`` -> ``kinds`` -> ``runtime`` ->
 ``continual`` -> ``data`` -> ``models`` -> ``benchmarks`` -> ``app`` -> ``cli``. Importing the
 package loads the adapter core and registers the methods; the trainer, the benchmarks and the
-application are imported only when used.
+application are imported only when used: ``continual_lora.export_hf`` / ``export_peft`` (the
+application's export of a finished run) resolve on first access (PEP 562 ``__getattr__``).
 """
+
+from typing import Any
 
 from .version import __version__
 
@@ -20,6 +23,7 @@ from .adapters import (  # noqa: E402
     parameter_counts,
     parameter_table,
     save_adapter,
+    save_peft_lora,
     set_task,
     unload,
     unmerge,
@@ -28,8 +32,19 @@ from .adapters import (  # noqa: E402
 )
 from .methods import METHODS, Method, build_method  # noqa: E402
 
+_LAZY = {"export_hf", "export_peft"}  # names of continual_lora.app.export, imported on first access
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from .app import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS", "LoRAConfig", "Method", "add_task", "build_method", "delta_weights", "disable_adapters",
-    "inject_adapters", "load_adapter", "merge", "parameter_counts", "parameter_table", "save_adapter",
-    "set_task", "unload", "unmerge", "use_sample_tasks", "use_task", "__version__",
+    "export_hf", "export_peft", "inject_adapters", "load_adapter", "merge", "parameter_counts", "parameter_table",
+    "save_adapter", "save_peft_lora", "set_task", "unload", "unmerge", "use_sample_tasks", "use_task", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""``continual-lora``: run, pretrain, metrics, compare, data, bench.
+"""``continual-lora``: run, export, pretrain, metrics, compare, data, bench.
 
 The only place that sees argparse and YAML: text becomes typed config objects here.
 """
@@ -120,6 +120,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .app.export import MANIFEST, export_hf, export_peft
+
+    export = export_hf if args.format == "hf" else export_peft
+    paths = export(args.run_dir, args.out, task=args.task, all_tasks=args.all_tasks, overwrite=args.overwrite)
+    manifest = json.loads((Path(args.out) / MANIFEST).read_text())
+    cls = manifest["model_class"]
+    for path in paths:
+        print(path)
+    print(f"\nload with transformers{'' if args.format == 'hf' else ' + peft'} ({manifest['apply']}):")
+    print(f"    from transformers import {cls}")
+    if args.format == "hf":
+        print(f"    model = {cls}.from_pretrained({str(paths[0])!r})")
+        return 0
+    print(f"    from peft import PeftModel\n    model = {cls}.from_pretrained({manifest['base_model_name_or_path']!r})")
+    if len(paths) > 1 and manifest["chain"]:
+        print(f"    for adapter in {[str(p) for p in paths]!r}:\n"
+              "        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()")
+    else:
+        print(f"    model = PeftModel.from_pretrained(model, {str(paths[0])!r})")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """The small CLIP of a run config's ``pretrain:`` section (its defaults when it has none), or of a
     YAML file of bare pretrain keys."""
@@ -210,6 +233,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="with --resume: accept this config key (dotted, e.g. train.device) differing from the "
                         "checkpoint's (repeatable)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="a finished run as a plain transformers model (hf) or stock peft adapters (peft)")
+    p.add_argument("run_dir", help="a finished method run: runs/<name>/<method label>")
+    p.add_argument("--format", choices=["hf", "peft"], required=True,
+                   help="hf: save_pretrained of the merged model; peft: stock peft LoRA adapter directories")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--task", help="task-id methods (lilora, per_task_lora): the task to export")
+    which.add_argument("--all-tasks", action="store_true",
+                       help="task-id methods: every task (hf: --out/<task>/ each; peft's default)")
+    p.add_argument("--out", required=True, help="the directory to write (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("pretrain", help="pretrain (or find cached) the small CLIP of the embedded benchmarks")
     p.add_argument("config", nargs="?", help="YAML with a pretrain: section or bare pretrain keys")

@@ -95,7 +95,7 @@ def _coerce_sequence(value: Any, hint: Any, path: str) -> Any:
     if not isinstance(value, list):
         return value
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    for option in typing.get_args(hint) if union else (hint,):
+    for option in typing.get_args(hint) if union else (hint,):  # (a tuple hint's own args are its items)
         origin = typing.get_origin(option)
         if origin not in (tuple, list):
             continue

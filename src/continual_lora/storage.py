@@ -4,7 +4,8 @@ ships inside pip packages. One home for these, used by every layer that touches 
 * :func:`cache_dir`: root of the project's cache (pretrained small CLIP, resized datasets, LLaVA-mini
   parts): env ``CONTINUAL_LORA_CACHE`` or ``~/.cache/continual-lora``.
 * :func:`atomic_write`: a file appears whole or not at all (write a temporary sibling, then rename).
-* :func:`atomic_cache_dir`: the same for a directory; a concurrent writer that finished first wins.
+* :func:`atomic_cache_dir`: the same for a directory; a concurrent writer that finished first wins
+  (or, asked to, is replaced).
 * :func:`package_file`: a file inside an installed package, found without importing the package.
 * :func:`cached`: load a cache entry, building it when missing and again when it fails to load.
 """
@@ -56,17 +57,22 @@ def atomic_write(path: Path, write: Callable[[str], None], mode: int | None = No
 
 
 @contextlib.contextmanager
-def atomic_cache_dir(final: Path) -> Iterator[Path]:
+def atomic_cache_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Build a cache directory in a temporary sibling, then rename it to ``final`` in one step.
 
     Readers never see a half-written directory; if another process finished ``final`` first, its
-    copy is kept and ours is dropped; on any error the temporary directory is removed.
+    copy is kept and ours is dropped (``replace``: an existing ``final`` is removed and ours takes its
+    place); on any error the temporary directory is removed.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp creates 0700
+        if final.is_dir() and replace:
+            shutil.rmtree(final)
+        elif final.exists() and replace:
+            final.unlink()
         if final.exists():
             shutil.rmtree(tmp)
         else:

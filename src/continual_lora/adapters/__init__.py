@@ -5,6 +5,7 @@ from .base import (
     ADAPTER_CONFIGS,
     AdapterBranch,
     AdapterConfig,
+    ExportError,
     ParamCount,
     UnknownTaskError,
     config_from_dict,
@@ -19,6 +20,7 @@ from .inject import (
     disable_adapters,
     inject_adapters,
     merge,
+    merged,
     set_task,
     sites,
     unload,
@@ -29,12 +31,13 @@ from .inject import (
 from .io import load_adapter, read_adapter_config, read_adapter_tensors, save_adapter
 from .layers import AdaptedLinear, AdaptedModule, AdaptedMultiheadAttention
 from .lora import LoRABranch, LoRAConfig
+from .peft_io import save_peft_lora
 
 __all__ = [
     "ADAPTER_CONFIGS", "AdaptedLinear", "AdaptedModule", "AdaptedMultiheadAttention", "AdapterBranch",
-    "AdapterConfig", "LoRABranch", "LoRAConfig", "ParamCount", "UnknownTaskError", "adapted_layers",
+    "AdapterConfig", "ExportError", "LoRABranch", "LoRAConfig", "ParamCount", "UnknownTaskError", "adapted_layers",
     "add_task", "branches", "candidate_names", "config_from_dict", "delta_weights", "disable_adapters",
-    "inject_adapters", "load_adapter", "merge", "parameter_counts", "parameter_table",
-    "read_adapter_config", "read_adapter_tensors", "register_adapter", "save_adapter", "set_task", "sites", "unload",
-    "unmerge", "use_sample_tasks", "use_task",
+    "inject_adapters", "load_adapter", "merge", "merged", "parameter_counts", "parameter_table",
+    "read_adapter_config", "read_adapter_tensors", "register_adapter", "save_adapter", "save_peft_lora", "set_task",
+    "sites", "unload", "unmerge", "use_sample_tasks", "use_task",
 ]

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -40,6 +42,10 @@ class UnknownTaskError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
+
+
+class ExportError(UserError, ValueError):
+    """A model, method or run cannot be exported in the asked format; the message says why and what to use."""
 
 
 def check_task_name(task: str) -> str:
@@ -69,7 +75,8 @@ class AdapterBranch(nn.Module):
     """Low-rank update of one weight of shape ``(out_features, in_features)``.
 
     Subclasses implement :meth:`forward`, :meth:`delta_weight`, :meth:`add_task`,
-    :attr:`tasks` and :meth:`parameter_count`.
+    :attr:`tasks` and :meth:`parameter_count`; branches whose update is a low-rank product also
+    implement :meth:`lora_factors` (what a stock peft LoRA adapter stores).
 
     ``seq_dim`` says where tokens run in the input the branch sees: 1 for ``(B, L, D)``
     (transformers), 0 for ``(L, B, D)`` (OpenAI CLIP's residual stream), ``None`` when the
@@ -104,6 +111,17 @@ class AdapterBranch(nn.Module):
 
     def parameter_count(self) -> ParamCount:
         raise NotImplementedError
+
+    def lora_factors(self, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``task``'s update as one LoRA product with every scale folded into B::
+
+            A: (k, in),  B: (out, k),  B @ A == delta_weight(task)
+
+        so a stock peft LoRA with ``lora_alpha = r`` (scaling 1) reproduces it. Branches whose
+        update is not such a product (it depends on the input, say) raise :class:`ExportError`.
+        """
+        raise ExportError(f"{type(self).__name__}: the update is not a low-rank product A, B that a peft LoRA "
+                          "can hold; export the merged model (format hf) instead")
 
     # --- shared behaviour ---------------------------------------------------------------
     def resolve_task(self, task: str | None) -> str:

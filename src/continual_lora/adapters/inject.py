@@ -222,6 +222,38 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
                 layer.merge(merged[name])
 
 
+@contextlib.contextmanager
+@torch.no_grad()
+def merged(model: nn.Module, task: str | None = None) -> Iterator[nn.Module]:
+    """Inside the block ``model`` is the plain model of ``task``: the original module types and
+    keys (what :func:`unload` gives) with ``task``'s update folded into the weights. Afterwards
+    the adapters are back and every base weight is bit-identical to before: the adapted weights
+    are copied and restored, not unmerged (``W + dW - dW`` is not ``W`` in low precision).
+    """
+    layers = _require_adapters(model)
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("model is already merged; unmerge it first")
+    originals = [weight.clone() for _, _, weight in sites(model)]
+    config = getattr(model, CONFIG_ATTR, None)
+    merge(model, task)
+    for name, layer in layers.items():
+        parent, attr = _get_parent(model, name)
+        setattr(parent, attr, layer.base_layer)
+    if config is not None:
+        delattr(model, CONFIG_ATTR)
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            parent, attr = _get_parent(model, name)
+            setattr(parent, attr, layer)
+            layer.merged, layer.merged_task = False, None
+        for (_, _, weight), original in zip(sites(model), originals):
+            weight.copy_(original)
+        if config is not None:
+            setattr(model, CONFIG_ATTR, config)
+
+
 def unload(model: nn.Module, merge: bool = True, task: str | None = None) -> nn.Module:
     """Replace every wrapper by its ``base_layer``; with ``merge`` fold ``task``'s update first.
 

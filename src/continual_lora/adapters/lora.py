@@ -99,6 +99,10 @@ class LoRABranch(AdapterBranch):
         a, b = self.factors(task)
         return (b @ a) * self.scale  # (out, in)
 
+    def lora_factors(self, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.factors(task)
+        return a, b * self.scale  # (r, in), (out, r): peft's scaling alpha / r becomes 1
+
     def freeze_task(self, task: str, frozen: bool = True) -> None:
         if task not in self.lora_A:
             raise UnknownTaskError(f"unknown task {task!r}; known tasks: {self.tasks}")

@@ -29,6 +29,8 @@ from ..methods import METHODS, Method
 from ..models import ModelConfig, PretrainConfig
 from ..version import __version__
 from .rundir import RunDirectory, finished_results, write_artefacts, write_results
+from .tracking import LoggingConfig, RunLogger, check_trackers
+
 
 @dataclass
 class RunConfig:
@@ -44,6 +46,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logit_scale: float = 100.0  # logits = scale * cosine (frozen, as in the DAC release)
     methods: list[dict] = field(default_factory=lambda: [{"name": "seq_lora"}])  # method entries
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # trackers besides <run dir>/metrics.jsonl
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
@@ -90,6 +93,11 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def run_record(config: RunConfig, label: str, method: Method) -> dict[str, Any]:
+    """The run config of one method as results.json records it (export reads it back)."""
+    return {**to_dict(config), "methods": [to_dict(method.config)], "label": label}
+
+
 def results_dict(config: RunConfig, label: str, method: Method, state: RunState, model: torch.nn.Module,
                  protocol: str) -> dict[str, Any]:
     matrix = state.matrix
@@ -132,7 +140,7 @@ def results_dict(config: RunConfig, label: str, method: Method, state: RunState,
         "train_losses": state.train_losses,
         "grad_norms": state.grad_norms,
         "peak_memory_mb": round(peak_memory_mb(config.train.device), 1),
-        "config": {**to_dict(config), "methods": [to_dict(method.config)], "label": label},
+        "config": run_record(config, label, method),
         "versions": versions(),
     })
     return out
@@ -165,6 +173,7 @@ def run_method(config: RunConfig, label: str, method: Method, resume: bool = Fal
     """
     benchmark = BENCHMARKS[config.benchmark.name]
     benchmark.check(config.benchmark, run_settings(config))  # e.g. a missing model fails before anything runs
+    check_trackers(config.logging)
     runtime = runtime_for(config.train)
     if runtime.device != config.train.device:  # "cuda" -> this rank's "cuda:<local rank>"
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=runtime.device))
@@ -204,20 +213,35 @@ def _run(config: RunConfig, label: str, method: Method, benchmark: Any, runtime:
                "base_model": base, "threads": torch.get_num_threads()}
         return kind.extra_results(out)  # a kind's own numbers (cvit: MIF)
 
+    logger = None  # metrics.jsonl and the trackers: rank 0 only
+    if runtime.is_main:
+        logger = RunLogger(directory.path, config.logging, name=config.name, label=label,
+                           store=Path(config.output_dir) / config.name, config=run_record(config, label, method),
+                           protocol=kind.protocol)
+
     def on_task_end(state: RunState) -> None:
         directory.started()  # a checkpoint of the new run exists: a run it replaces can go
-        write_results(directory.path, results_of(state))
+        results = results_of(state)
+        write_results(directory.path, results)
+        logger.task_end(state, results)
 
     record = {**to_dict(config), "methods": {label: to_dict(method.config)}}
     trainer = ContinualTrainer(model, method, kind, tasks, train, checkpoint_dir=directory.path, xtail=xtail,
-                               on_task_end=on_task_end if runtime.is_main else None, runtime=runtime,
+                               on_task_end=on_task_end if logger else None, runtime=runtime,
                                record=record, allow_changes=allow_changes,
-                               log=(lambda message: log(f"[{label}] {message}")) if runtime.is_main else None)
+                               log=(lambda message: log(f"[{label}] {message}")) if runtime.is_main else None,
+                               on_step=logger.step if logger else None, on_start=logger.start if logger else None)
     if runtime.is_main:
         log(f"[{label}] {len(tasks)} tasks: {', '.join(t.name for t in tasks)} -> {directory.path}")
-    state = trainer.run(resume=resume)
+    try:
+        state = trainer.run(resume=resume)
+    except BaseException:
+        if logger is not None:
+            logger.close(ok=False)
+        raise
     results = results_of(state)
-    if runtime.is_main:
+    if logger is not None:
         write_results(directory.path, results)
+        logger.finish(results)
     runtime.barrier()
     return results

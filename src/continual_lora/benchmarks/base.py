@@ -2,9 +2,11 @@
 
 A benchmark module defines its config (a :class:`BenchmarkConfig` subclass whose ``name`` default is
 the benchmark's name), a ``build(config, run) -> Stream`` function and, optionally, a ``check``
-that fails before the run directory is touched (a missing model or data root); it exports them as
-``BENCHMARK = Benchmark(config class, build, check)``, and one line of ``benchmarks/__init__.py``
-registers it.
+that fails before the run directory is touched (a missing model or data root) and a
+``source(config, run) -> SourceModel`` that gives the base model as its source ships it (what
+``continual-lora export`` merges into); it exports them as
+``BENCHMARK = Benchmark(config class, build, check, source)``, and one line of
+``benchmarks/__init__.py`` registers it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from ..adapters import ExportError
 from ..contract import TaskKind
-from ..models.clip import ModelConfig
+from ..models.clip import ModelConfig, clip_source_model
 from ..models.small_clip import PretrainConfig
+from ..models.source import SourceModel
 
 
 @dataclass
@@ -54,13 +58,24 @@ def _no_check(config: Any, run: RunSettings) -> None:
     pass
 
 
+def clip_source(config: Any, run: RunSettings) -> SourceModel:
+    """The source of a CLIP benchmark's base model: the run's ``model:`` section (every image benchmark)."""
+    return clip_source_model(run.model, run.pretrain, seed=run.seed, progress=run.progress)
+
+
+def _no_source(config: Any, run: RunSettings) -> SourceModel:
+    raise ExportError(f"benchmark {config.name!r} does not say where its base model comes from "
+                      "(its Benchmark has no source), so its runs cannot be exported")
+
+
 @dataclass(frozen=True)
 class Benchmark:
-    """A registry entry: the benchmark's config class, builder and fail-fast check."""
+    """A registry entry: the benchmark's config class, builder, fail-fast check and base-model source."""
 
     config: type[BenchmarkConfig]
     build: Callable[[Any, RunSettings], Stream]
     check: Callable[[Any, RunSettings], None] = _no_check  # run before the run directory is touched
+    source: Callable[[Any, RunSettings], SourceModel] = _no_source  # the base model as shipped (export)
 
     @property
     def name(self) -> str:

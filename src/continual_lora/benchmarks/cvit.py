@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..kinds.instruct_data import InstructTask, load_instruct_task
-from ..models.llava import check_llava_path, kind_for, load_llava
+from ..models.llava import check_llava_path, kind_for, llava_source_model, load_llava
+from ..models.source import SourceModel
 from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
 
 CVIT_ORDER = ("ScienceQA", "TextVQA", "Flickr30k", "ImageNet", "GQA", "VQAv2")
@@ -90,4 +91,8 @@ def build(bench: CvitConfig, run: RunSettings) -> Stream:
     return Stream(model, kind, tasks)
 
 
-BENCHMARK = Benchmark(CvitConfig, build, check)
+def source(bench: CvitConfig, run: RunSettings) -> SourceModel:
+    return llava_source_model(bench.model_path)
+
+
+BENCHMARK = Benchmark(CvitConfig, build, check, source)

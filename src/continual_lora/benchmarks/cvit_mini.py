@@ -32,7 +32,8 @@ import torch
 from ..config import ConfigError
 from ..data.domains import balanced_subset, load_domain, read_rgb, resize_u8
 from ..kinds.instruct_data import InstructSample, InstructTask
-from ..models.llava_mini import LlavaMiniConfig, instruct_kind, load_llava_mini
+from ..models.llava_mini import LlavaMiniConfig, instruct_kind, llava_mini_source_model, load_llava_mini
+from ..models.source import SourceModel
 from ..storage import package_file
 from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
 
@@ -187,4 +188,8 @@ def build(bench: CvitMiniConfig, run: RunSettings) -> Stream:
     return Stream(model, kind, tasks)
 
 
-BENCHMARK = Benchmark(CvitMiniConfig, build, check)
+def source(bench: CvitMiniConfig, run: RunSettings) -> SourceModel:
+    return llava_mini_source_model(bench.llava, run.pretrain, progress=run.progress)
+
+
+BENCHMARK = Benchmark(CvitMiniConfig, build, check, source)

@@ -17,7 +17,7 @@ from ..data.domains import balanced_subset, domain_seed, first_k_per_class
 from ..data.folders import DEFAULT_TEMPLATES, folder_task
 from ..kinds.images import FileImageTask
 from ..models.clip import check_model
-from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
+from .base import Benchmark, BenchmarkConfig, RunSettings, Stream, clip_source
 from .mtil import disk_clip_stream
 
 SPLIT_SEED = 42
@@ -87,4 +87,4 @@ def build(bench: FoldersConfig, run: RunSettings) -> Stream:
     return disk_clip_stream(tasks, run, bench.train_templates, bench.xtail)
 
 
-BENCHMARK = Benchmark(FoldersConfig, build, check)
+BENCHMARK = Benchmark(FoldersConfig, build, check, clip_source)

@@ -18,7 +18,7 @@ from ..data.mtil import DATASETS, ORDERS, mtil_tasks, read_dataset
 from ..kinds.clip import ClipClassification
 from ..kinds.images import FileImageTask
 from ..models.clip import check_model, load_clip, preprocess_for
-from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
+from .base import Benchmark, BenchmarkConfig, RunSettings, Stream, clip_source
 
 
 @dataclass
@@ -77,4 +77,4 @@ def disk_clip_stream(tasks: list[FileImageTask], run: RunSettings, train_templat
     return Stream(model, kind, tasks, xtail=xtail)
 
 
-BENCHMARK = Benchmark(MtilConfig, build, check)
+BENCHMARK = Benchmark(MtilConfig, build, check, clip_source)

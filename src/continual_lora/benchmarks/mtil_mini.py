@@ -17,7 +17,7 @@ from ..config import ConfigError
 from ..data.domains import DOMAINS, domain_task
 from ..kinds.clip import ClipClassification, ImageTask
 from ..models.clip import check_model, load_clip
-from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
+from .base import Benchmark, BenchmarkConfig, RunSettings, Stream, clip_source
 
 _ORDER_II = ("mnist", "textile", "animals", "fashion", "colors", "digits", "shapes")
 ORDERS: dict[str, tuple[str, ...]] = {"I": DOMAINS, "II": tuple(n for n in _ORDER_II if n in DOMAINS)}
@@ -102,4 +102,4 @@ def build(bench: MtilMiniConfig, run: RunSettings) -> Stream:
     return Stream(model, kind, tasks, xtail=bench.xtail)
 
 
-BENCHMARK = Benchmark(MtilMiniConfig, build, check)
+BENCHMARK = Benchmark(MtilMiniConfig, build, check, clip_source)

@@ -42,6 +42,7 @@ class RunState:
     train_losses: list[float | None] = field(default_factory=list)  # mean loss of each task's last 10 % of steps
     grad_norms: list[float | None] = field(default_factory=list)  # mean pre-clip gradient norm, same steps
     trainable_params: list[int] = field(default_factory=list)  # parameters trained on each task
+    task_steps: list[int] = field(default_factory=list)  # optimiser steps each task took (sum: the global step)
     elapsed_s: float = 0.0
     method_state: dict[str, Any] = field(default_factory=dict)
     kind_state: dict[str, Any] = field(default_factory=dict)  # a kind's own record (instruction tuning: MIF log)

@@ -17,6 +17,10 @@ only knows the schedule::
 
 Determinism: every task starts from ``seed`` mixed with the task index, so a run resumed at
 a task boundary replays exactly the same batches, dropout masks and initialisations.
+
+Callbacks (the application's logging; the trainer knows no tracker): ``on_start(RunState)`` once the
+zero-shot row is known or a checkpoint is loaded (``state.completed`` tasks done), ``on_step(StepLog)``
+after every optimiser step, ``on_task_end(RunState)`` after each task's checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -54,6 +59,21 @@ def _non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     return f"{len(bad)} tensors are not finite, e.g. {bad[:3]}" if bad else None
 
 
+@dataclass(frozen=True)
+class StepLog:
+    """One optimiser step, as ``on_step`` receives it (the last micro-batch's losses when grad_accum > 1)."""
+
+    task: str  # the task being trained
+    task_index: int  # its index in the stream
+    step: int  # optimiser step within the task, 1-based
+    global_step: int  # optimiser steps since the run began, over all tasks, 1-based
+    loss: float  # the total loss: the kind's task loss plus every method term
+    task_loss: float  # the kind's loss alone (loss - sum(terms))
+    terms: dict[str, float]  # each method loss term, weighted as the trainer adds it
+    lr: float  # learning rate of this step (first parameter group)
+    grad_norm: float | None  # global gradient norm before clipping (None: not reported, e.g. DeepSpeed)
+
+
 def runtime_for(train: TrainConfig) -> Runtime:
     """The runtime of this process for a run trained with ``train`` (device, precision, batch, clipping)."""
     return runtime_from_env(train.device, train.precision, batch_size=train.batch_size, grad_accum=train.grad_accum,
@@ -77,6 +97,8 @@ class ContinualTrainer:
         record: dict[str, Any] | None = None,
         allow_changes: Sequence[str] = (),
         log: Callable[[str], None] | None = None,
+        on_step: Callable[[StepLog], None] | None = None,
+        on_start: Callable[[RunState], None] | None = None,
     ) -> None:
         """``record``: the run's effective config as plain data, kept in the checkpoint; a resumed run
         whose record differs is refused, except in the dotted keys of ``allow_changes`` (a key names
@@ -104,6 +126,8 @@ class ContinualTrainer:
         self.record = json.loads(json.dumps(record or {}))  # as the checkpoint will hold it
         self.allow_changes = tuple(allow_changes)
         self.log = log or (lambda message: None)
+        self.on_step = on_step  # callback(StepLog) after each optimiser step
+        self.on_start = on_start  # callback(state) before the first task this process trains
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate_all(self, xtail: bool = False, label: str = "eval", base: bool = False, upto: int | None = None,
@@ -130,9 +154,9 @@ class ContinualTrainer:
         return scores
 
     # --- training -----------------------------------------------------------------------
-    def train_task(self, task: Any, index: int) -> tuple[float | None, float | None, int]:
+    def train_task(self, task: Any, index: int, steps_before: int = 0) -> tuple[float | None, float | None, int, int]:
         """Train one task; returns (mean loss and mean pre-clip gradient norm over the last 10 % of
-        steps, trainable parameters)."""
+        steps, trainable parameters, optimiser steps). ``steps_before``: optimiser steps of the tasks before."""
         cfg, kind, runtime = self.config, self.kind, self.runtime
         seed = cfg.seed * 100_003 + 1_000 * (index + 1)
         torch.manual_seed(seed)
@@ -167,6 +191,7 @@ class ContinualTrainer:
                        disable=not (cfg.progress and runtime.is_main), leave=False)
             for step in bar:
                 out = optimizer_step(engine, next_batch, params, cfg.grad_accum, cfg.max_grad_norm)
+                lr = float(optimizer.param_groups[0]["lr"])  # the rate this step used (the schedule moves it next)
                 schedule.step()
                 self.method.after_step(self.model)
                 value = float(out.total.detach())  # the same global loss on every rank
@@ -174,12 +199,16 @@ class ContinualTrainer:
                 if skipped > (FP16_SKIP_LIMIT if cfg.precision == "fp16" else 0):
                     diverged = f"at step {step + 1}/{steps} the loss is {value}"
                     break
+                terms = {k: float(v.detach()) for k, v in out.terms.items()}
+                norm = None if out.grad_norm is None else float(out.grad_norm)
                 if step >= steps - max(1, steps // 10):
                     tail_losses.append(value)
-                    norm = out.grad_norm
-                    if norm is not None and math.isfinite(float(norm)):  # (fp16: overflow steps are skipped)
-                        tail_norms.append(float(norm))
-                bar.set_postfix(loss=f"{value:.3f}", **{k: f"{float(v.detach()):.3g}" for k, v in out.terms.items()})
+                    if norm is not None and math.isfinite(norm):  # (fp16: overflow steps are skipped)
+                        tail_norms.append(norm)
+                bar.set_postfix(loss=f"{value:.3f}", **{k: f"{v:.3g}" for k, v in terms.items()})
+                if self.on_step is not None:
+                    self.on_step(StepLog(task.name, index, step + 1, steps_before + step + 1, value,
+                                         value - sum(terms.values()), terms, lr, norm))
             batches.close()  # (a kind reading from disk: its DataLoader workers stop)
             # drop every reference to the parameters (the optimiser, its schedule, the last loss's graph)
             # before the engine goes: DDP's gradient hooks, ZeRO-3's partitioned parameters
@@ -197,7 +226,7 @@ class ContinualTrainer:
         runtime.check_replicas(self.model, f"after task {task.name!r}")
         mean_loss = sum(tail_losses) / len(tail_losses) if tail_losses else None
         mean_norm = sum(tail_norms) / len(tail_norms) if tail_norms else None
-        return mean_loss, mean_norm, trainable
+        return mean_loss, mean_norm, trainable, steps
 
     def _divergence(self, task: Any, index: int, what: str) -> DivergenceError:
         kept = (f"the checkpoint after task {index} ({self.tasks[index - 1].name!r}) is kept" if index
@@ -223,13 +252,16 @@ class ContinualTrainer:
         resumed_at = self.runtime.all_gather_object(state.completed)
         if len(set(resumed_at)) > 1:
             raise RuntimeError(f"ranks resumed at different task boundaries {resumed_at}: do they share the run directory?")
+        if self.on_start is not None:
+            self.on_start(state)
         for index in range(state.completed, len(self.tasks)):
             task = self.tasks[index]
             start = time.perf_counter()
-            loss, norm, trainable = self.train_task(task, index)
+            loss, norm, trainable, steps = self.train_task(task, index, sum(state.task_steps))
             state.train_losses.append(loss)
             state.grad_norms.append(norm)
             state.trainable_params.append(trainable)
+            state.task_steps.append(steps)
             future = self.kind.evaluate_future  # False (CVIT): tasks 0..index, the rest = zero-shot
             state.matrix.append(self.evaluate_all(label=f"eval after {task.name}",
                                                   upto=None if future else index, fill=state.zero_shot))

@@ -60,6 +60,7 @@ class Method:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[AdapterConfig]] = AdapterConfig
     uses_task_id: ClassVar[bool] = True  # evaluation selects the task's own adapter
+    peft_chain: ClassVar[bool] = False  # True: its peft adapters are applied one after another (see peft_adapters)
 
     def __init__(self, config: AdapterConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
@@ -148,6 +149,19 @@ class Method:
         """The model for zero-overhead serving of ``task``: its update merged into the weights."""
         merge(model, task)
         return model
+
+    def peft_adapters(self, model: nn.Module) -> dict[str, str | None]:
+        """The stock peft LoRA adapters that express the trained model: directory name -> the task key
+        whose update (``AdapterBranch.lora_factors``) it holds, None for the active one.
+
+        Task-id methods: one adapter per trained task, each alone on the base model is that task's
+        model. Other methods: one adapter, ``"final"``, the model that serves every task. With
+        ``peft_chain`` (Rank-1 pool) the adapters are instead applied in order, each merged into the
+        base before the next, and together give the final model.
+        """
+        if self.uses_task_id:
+            return {task: task for task in self.trained_tasks}
+        return {"final": None}
 
     # --- checkpoints --------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -46,13 +46,13 @@ cosine 0 (torch's eps), so it adds a constant 1 and no gradient.
 
 The method returns ``{"stability": lambda_stab * L}`` for t >= 1 (``paper`` / ``a_cosine``).
 
-Each task's update is a plain rank-r LoRA (``scale * B_t``, ``A``): :func:`export_peft_lora`
-writes it as a stock peft adapter directory.
+Each task's update is a plain rank-r LoRA (``lora_A = A``, ``lora_B = scale * B_t``;
+:meth:`LiLoRABranch.lora_factors`): :func:`export_peft_lora` (or ``continual-lora export``) writes
+it as a stock peft adapter directory.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -62,12 +62,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import AdapterBranch, AdapterConfig, ParamCount, UnknownTaskError
-from ..adapters.inject import CONFIG_ATTR, adapted_layers
-from ..adapters.layers import AdaptedLinear
+from ..adapters import AdapterBranch, AdapterConfig, ParamCount, UnknownTaskError, save_peft_lora
+from ..adapters.inject import CONFIG_ATTR
 from ..errors import ConfigDeprecationWarning
 from ..contract import TaskContext
 from .base import Method, open_task, register_method, typed_branches
@@ -210,6 +208,9 @@ class LiLoRABranch(AdapterBranch):
     def delta_weight(self, task: str | None = None) -> torch.Tensor:  # (out, in)
         return (self.up(task) @ self.A) * self.scale
 
+    def lora_factors(self, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A, self.up(task) * self.scale  # (r, in), (out, r): lora_A = A, lora_B = (alpha / r) B_t
+
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the current shared tensors into the ``*_prev`` buffers."""
@@ -304,7 +305,6 @@ class LiLoRA(Method):
         self.task_index = int(state.get("task_index", len(self.trained_tasks) - 1))
 
 
-@torch.no_grad()
 def export_peft_lora(
     model: nn.Module,
     task: str,
@@ -314,42 +314,10 @@ def export_peft_lora(
     """Write ``task``'s update as a stock peft LoRA adapter directory; return the directory.
 
     ``lora_A = A`` and ``lora_B = (alpha / r) B_t`` with peft's ``lora_alpha = r`` (scaling 1), so
-    ``peft.PeftModel.from_pretrained(base, directory)`` reproduces task ``task`` exactly.
-    Only ``nn.Linear`` targets can be exported (peft adapts ``nn.MultiheadAttention`` differently).
+    ``peft.PeftModel.from_pretrained(base, directory)`` reproduces task ``task`` exactly. The
+    writer is the adapter core's :func:`~continual_lora.adapters.save_peft_lora` (any method; fused
+    attention included); this name checks that the model carries LiLoRA adapters.
     """
-    config = getattr(model, CONFIG_ATTR, None)
-    if not isinstance(config, LiLoRAConfig):
+    if not isinstance(getattr(model, CONFIG_ATTR, None), LiLoRAConfig):
         raise ValueError("model carries no LiLoRA adapters (inject a LiLoRAConfig first)")
-    layers = adapted_layers(model)
-    unsupported = sorted(name for name, layer in layers.items() if not isinstance(layer, AdaptedLinear))
-    if unsupported:
-        raise NotImplementedError(
-            f"peft export supports nn.Linear targets only; these are nn.MultiheadAttention slots: {unsupported[:5]}"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        branch = layer.adapter
-        assert isinstance(branch, LiLoRABranch)
-        prefix = f"base_model.model.{name}"
-        state[f"{prefix}.lora_A.weight"] = branch.A.detach().float().cpu().contiguous()  # (r, in)
-        state[f"{prefix}.lora_B.weight"] = (branch.up(task) * branch.scale).float().cpu().contiguous()  # (out, r)
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": config.rank,
-        "lora_alpha": config.rank,  # scaling alpha / r = 1: the LiLoRA scale is folded into lora_B
-        "lora_dropout": config.dropout,
-        "target_modules": sorted(layers),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
-    return out
+    return save_peft_lora(model, directory, task, base_model_name_or_path)

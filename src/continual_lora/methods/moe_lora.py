@@ -35,13 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterBranch, AdapterConfig, ParamCount
+from ..adapters import AdapterBranch, AdapterConfig, ExportError, ParamCount
 from ..adapters.base import check_task_name, in_backward
 from ..contract import TaskContext
 from .base import Method, register_method, typed_branches
 from .shared import open_shared
 
 ROUTINGS = ("token", "sample")
+NOT_EXPORTABLE = ("moe_lora: the update g(x)-weights its experts by a router that reads the input, so it is neither a "
+                  "fixed weight change (no merged transformers model) nor a LoRA product (no peft adapter); serve "
+                  "the adapted model through continual-lora (Method.load on the checkpoint)")
 
 
 @dataclass
@@ -148,6 +151,9 @@ class MoELoRABranch(AdapterBranch):
     def delta_weight(self, task: str | None = None) -> torch.Tensor:
         raise NotImplementedError("MoE-LoRA's update depends on the input through the router; it cannot be merged")
 
+    def lora_factors(self, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ExportError(NOT_EXPORTABLE)
+
     def parameter_count(self) -> ParamCount:
         return ParamCount(0, {t: self.experts_A[t].numel() + self.experts_B[t].numel() + self.router[t].numel()
                               for t in self.tasks})
@@ -178,4 +184,7 @@ class MoELoRA(Method):
         return {"balance": self.config.lambda_balance * torch.stack(per_layer).mean()}
 
     def prepare_inference(self, model: nn.Module, task: str | None = None) -> nn.Module:
-        raise NotImplementedError("MoE-LoRA routes on the input; serve the adapted model as it is")
+        raise ExportError(NOT_EXPORTABLE)
+
+    def peft_adapters(self, model: nn.Module) -> dict[str, str | None]:
+        raise ExportError(NOT_EXPORTABLE)

@@ -15,7 +15,9 @@ While task t trains, its A is pushed into a subspace orthogonal to the earlier t
 Sums over layers, not means, and absolute entries, as in the release; lambda_orth = 0.5 (paper)
 and the L2 term off by default (lambda_l2 = 0). Past tasks' A are detached and frozen, so the
 gradient of L_orth reaches only the current A. ``delta_weight(t)`` is the summed update of the
-tasks up to and including t, i.e. the model as it was right after task t.
+tasks up to and including t, i.e. the model as it was right after task t; as one LoRA of rank
+t r (``lora_factors``, what a stock peft adapter holds) it is ``[A_1; ...; A_t]`` and
+``s [B_1, ..., B_t]``.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ class OLoRABranch(LoRABranch):
     def delta_weight(self, task: str | None = None) -> torch.Tensor:  # (out, in)
         a, b = self.stacked(task)
         return (b @ a) * self.scale
+
+    def lora_factors(self, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.stacked(task)
+        return a, b * self.scale  # one LoRA of rank k r: the sum of the tasks' products
 
     def orthogonality(self) -> torch.Tensor:
         """``sum_{i < t} |A_i A_t^T|_1`` for the active task t (0 on the first task)."""

@@ -18,6 +18,10 @@ At the end of task t: ``S`` = top-k experts by counts, ``W0 <- W0 + s B[:, S] A[
 ``(A[S, :], B[:, S], S, counts)`` is kept and A, B, router and counts are re-initialised. Inference
 is the plain model: no router, no extra module, no task id.
 
+Export to stock peft (``lora_factors``): task t's merged experts are one rank-k LoRA with
+``lora_A = A[S_t, :]``, ``lora_B = s B[:, S_t]`` and scaling 1, so applying the tasks' adapters in
+training order to the base model (merging each) adds ``sum_t s B[:, S_t] A[S_t, :]`` = the merged model.
+
 Options (default first):
 * ``router_mode``: ``"vote"`` (release) uses the router only through top-R indices, so it gets no
   gradient and stays at its random init. ``"learned"`` (extension) scales each selected expert's
@@ -219,6 +223,14 @@ class Rank1PoolBranch(AdapterBranch):
             b, a = record.B, record.A
         return (b @ a) * self.scale
 
+    def lora_factors(self, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A recorded task's merged experts as a rank-k LoRA: ``A[S, :]`` (k, in), ``s B[:, S]`` (out, k)."""
+        if task is None:
+            s = self.merge_set()
+            return self.lora_A[s], self.lora_B[:, s] * self.scale
+        record = self.records[self.resolve_task(task)]
+        return record.A, record.B * self.scale
+
     @torch.no_grad()
     def commit(self, task: str, base_weight: torch.Tensor) -> None:
         """End of task: record the top-k experts, fold them into ``base_weight``, reset the pool."""
@@ -286,6 +298,7 @@ class Rank1Pool(Method):
     name = "rank1_pool"
     config_cls = Rank1PoolConfig
     uses_task_id = False
+    peft_chain = True  # the final model is W0 plus every task's merged experts
 
     def begin_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         for branch in _pool(model):
@@ -306,6 +319,10 @@ class Rank1Pool(Method):
     def prepare_inference(self, model: nn.Module, task: str | None = None) -> nn.Module:
         """The plain model: every finished task is already in W0, the in-progress pool is dropped."""
         return unload(model, merge=False)
+
+    def peft_adapters(self, model: nn.Module) -> dict[str, str | None]:
+        """One rank-k LoRA per finished task, its merged experts (``lora_factors``), in training order."""
+        return {task: task for task in _pool(model)[0].tasks}
 
 
 # --- records: rebuild the merged model at any task boundary -------------------------------------

@@ -17,7 +17,9 @@ of its update. Departures from the release (documented choices): the norm is ``|
 paper's) instead of the release's ``||B||_F ||A||_F``, and a closed task keeps its trained
 magnitude instead of restarting from 0.8. ``alpha_t`` starts at ``magnitude_init`` (release 0.8).
 Which tasks are closed is a per-task buffer, so a checkpoint taken mid-task is exact too.
-``delta_weight(t)`` is the summed update of the tasks up to and including t.
+``delta_weight(t)`` is the summed update of the tasks up to and including t; as one LoRA of rank
+t r (``lora_factors``, what a stock peft adapter holds) it is ``[A_1; ...; A_t]`` and
+``[c_1 B_1, ..., c_t B_t]`` with c_i each task's coefficient.
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ class SDLoRABranch(LoRABranch):
     def delta_weight(self, task: str | None = None) -> torch.Tensor:  # (out, in)
         a, b, coef = self.stacked(task)
         return (b * coef) @ a
+
+    def lora_factors(self, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b, coef = self.stacked(task)
+        return a, b * coef  # (k r, in), (out, k r): each task's column block scaled by its coefficient
 
     @torch.no_grad()
     def close(self, task: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters import AdapterBranch, AdapterConfig
+from ..adapters import AdapterBranch, AdapterConfig, ExportError
 from ..contract import TaskContext
 from .base import Method, register_method
 
@@ -65,6 +65,10 @@ class ZeroShot(Method):
 
     def prepare_inference(self, model: nn.Module, task: str | None = None) -> nn.Module:
         return model
+
+    def peft_adapters(self, model: nn.Module) -> dict[str, str | None]:
+        raise ExportError("zero_shot trains nothing, so there is no adapter: its model is the base model "
+                          "(format hf writes it)")
 
     def save(self, model: nn.Module, directory: str) -> None:
         out = Path(directory)

@@ -36,6 +36,7 @@ from ..config import ConfigError
 from ..kinds.clip_ops import IMAGE_MEAN, IMAGE_STD
 from ..kinds.images import Preprocess
 from .small_clip import PretrainConfig, build_tokenizer, load_pretrained
+from .source import SourceModel, copy_preprocessing, source_name, word_tokenizer_preprocessing
 from .word_tokenizer import WordTokenizer
 
 SOURCES = ("pretrained-tiny", "hf", "random")
@@ -191,10 +192,18 @@ def fold_pixel_normalization(model: CLIPModel, mean: tuple[float, ...], std: tup
     model.vision_model.embeddings.patch_embedding = folded
 
 
+def _hf_dir(path: str) -> Path:
+    """The local directory of model ``path`` (a directory, or a hub id in the HF cache)."""
+    found = _local_file(path, "config.json")
+    if found is None:
+        raise MissingModelError(_missing_message(path))
+    return found.parent
+
+
 def _load_hf(path: str) -> tuple[CLIPModel, HFTextTokenizer]:
     from transformers import AutoTokenizer
 
-    resolved = str(_local_file(path, "config.json").parent)  # type: ignore[union-attr]
+    resolved = str(_hf_dir(path))
     model = CLIPModel.from_pretrained(resolved, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(resolved, local_files_only=True)
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -230,3 +239,19 @@ def load_clip(config: ModelConfig, pretrain: PretrainConfig, seed: int = 0,
     if config.source == "random":
         return build_random_clip(config.clip_config, seed)
     return load_pretrained(pretrain, progress=progress)
+
+
+def clip_source_model(config: ModelConfig, pretrain: PretrainConfig, seed: int = 0,
+                      progress: bool = True) -> SourceModel:
+    """The CLIP of ``config`` as its source ships it, for export. ``hf``: the checkpoint's own weights
+    (pixel normalisation not folded: it takes its processor's pixels), loaded from its directory or
+    hub id, with its tokenizer / processor files. The project's CLIPs (``pretrained-tiny``,
+    ``random``) have no source to point at; they come with the word tokenizer as a transformers
+    tokenizer and an image processor for the benchmark's pixels ``(x - 0.5) / 0.5``."""
+    if config.source == "hf":
+        path = str(config.path)
+        directory = _hf_dir(path)
+        model = CLIPModel.from_pretrained(str(directory), local_files_only=True).eval()
+        return SourceModel(model, source_name(path), copy_preprocessing(directory))
+    model, tokenizer = load_clip(config, pretrain, seed=seed, progress=progress)
+    return SourceModel(model, None, word_tokenizer_preprocessing(tokenizer, model.config.vision_config.image_size))

@@ -7,10 +7,12 @@ checkpoint fails before any weight is read, with what to fetch and where to put 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
 from ..kinds.instruct import InstructionTuning
+from .source import SourceModel, copy_preprocessing, source_name
 
 # LLaVA-1.5's training conversation format ("vicuna_v1"), used when the tokenizer has no chat template
 # of its own (llava-hf's processor template expects list-of-parts content, not plain strings)
@@ -54,6 +56,16 @@ def load_llava(model_path: str | None) -> tuple[Any, Any]:
     model = LlavaForConditionalGeneration.from_pretrained(model_path, local_files_only=True, dtype=torch.bfloat16)
     processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
     return model.eval(), processor
+
+
+def llava_source_model(model_path: str | None) -> SourceModel:
+    """The LLaVA checkpoint as it ships (bf16, as :func:`load_llava` reads it), for export: peft adapters
+    point at ``model_path``; a merged copy gets its tokenizer / processor files."""
+    from transformers.utils import cached_file
+
+    model, _ = load_llava(model_path)
+    directory = Path(cached_file(model_path, "config.json", local_files_only=True)).parent
+    return SourceModel(model, source_name(str(model_path)), copy_preprocessing(directory))
 
 
 def kind_for(model: Any, processor: Any, **kwargs: Any) -> InstructionTuning:

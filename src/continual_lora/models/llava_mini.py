@@ -44,6 +44,7 @@ from ..kinds.instruct_data import InstructSample, InstructTask
 from ..runtime import Engine
 from ..storage import atomic_cache_dir, cache_dir, cached, package_file
 from .small_clip import DEFAULT_MIX, MixPart, PretrainConfig, config_hash, load_pretrained
+from .source import SourceModel, write_image_processor
 
 ALIGN_FORMAT = 1  # bump when the stage-1 recipe changes in a way the config does not show
 LM_FORMAT = 1  # bump when the GGUF -> safetensors conversion changes
@@ -226,6 +227,19 @@ def align_projector(model: LlavaForConditionalGeneration, tokenizer: Any, cfg: L
     for p in params:
         p.requires_grad_(False)
     return losses
+
+
+def llava_mini_source_model(cfg: LlavaMiniConfig = LlavaMiniConfig(), clip_cfg: PretrainConfig = PretrainConfig(),
+                            progress: bool = True) -> SourceModel:
+    """LLaVA-mini for export: built here, so no source to point at; its tokenizer (with ``<image>``)
+    and an image processor for the pixels the instruction kind feeds (``(x - 0.5) / 0.5``) go beside it."""
+    model, tokenizer = load_llava_mini(cfg, clip_cfg, progress=progress)
+
+    def write(out: Path) -> None:
+        tokenizer.save_pretrained(out)
+        write_image_processor(out, clip_cfg.image_size)
+
+    return SourceModel(model, None, write)
 
 
 def load_llava_mini(cfg: LlavaMiniConfig = LlavaMiniConfig(), clip_cfg: PretrainConfig = PretrainConfig(),

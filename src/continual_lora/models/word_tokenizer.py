@@ -6,8 +6,11 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+
+WORD_PATTERN = r"[^\W_]+|[^\w\s]|_"  # a token: a run of letters / digits, one punctuation mark, or "_"
 
 
 class WordTokenizer:
@@ -43,7 +46,7 @@ class WordTokenizer:
     @staticmethod
     def split(text: str) -> list[str]:
         """Lower-case ``text`` and split it into words and single punctuation marks."""
-        return re.findall(r"[^\W_]+|[^\w\s]|_", text.lower())
+        return re.findall(WORD_PATTERN, text.lower())
 
     def word_pool(self, exclude: Iterable[str]) -> list[str]:
         """Vocabulary words minus the specials and every word of the ``exclude`` texts."""
@@ -92,6 +95,27 @@ class WordTokenizer:
             ids[row, : len(enc)] = torch.tensor(enc)
             mask[row, : len(enc)] = 1
         return ids, mask
+
+    def to_transformers(self) -> Any:
+        """The same tokenizer as a transformers ``PreTrainedTokenizerFast`` (a ``tokenizers`` WordLevel
+        model), so an exported model needs no continual-lora import::
+
+            tok(texts, padding="max_length", truncation=True, max_length=context_length)
+
+        gives this tokenizer's ``(input_ids, attention_mask)``: lower-casing, whitespace split, then
+        :meth:`split`'s pattern isolates words and punctuation, ``<sot> ... <eos>`` around them.
+        """
+        from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(self.vocab)}, unk_token=self.UNK))
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Split(Regex(WORD_PATTERN), "isolated")])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{self.SOT} $A {self.EOS}", special_tokens=[(self.SOT, self.sot_id), (self.EOS, self.eos_id)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=self.SOT, eos_token=self.EOS,
+                                       pad_token=self.PAD, unk_token=self.UNK, model_max_length=self.context_length)
 
     def save(self, path: str | Path) -> None:
         payload = {"type": "WordTokenizer", "version": 1, "context_length": self.context_length, "vocab": self.vocab}

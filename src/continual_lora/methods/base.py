@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch

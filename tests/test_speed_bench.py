@@ -29,3 +29,14 @@ def test_tiny_lora_speed_bench_runs():
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="not registered"):
         run_speed_bench("no_such_method", size="tiny", progress=False)
+
+
+@pytest.mark.parametrize("method", ["lilora", "rank1_pool"])
+def test_mlp_block_bench_in_bf16_runs(method):
+    """The LLaVA-7B MLP block case at toy size, under bf16 autocast (the GPU check runs llava7b-mlp)."""
+    result = run_speed_bench(method, size="tiny-mlp", batch_size=2, steps=1, warmup=0, progress=False,
+                             precision="bf16", rank=8)
+    assert result["precision"] == "bf16" and result["targets"] == ["gate_proj", "up_proj", "down_proj"]
+    assert math.isfinite(result["train_step_ratio"]) and result["trainable_params"]["lora"] == 8 * (3 * 32 + 3 * 88)
+    with pytest.raises(ValueError, match="precision"):
+        run_speed_bench(method, size="tiny-mlp", precision="fp16", progress=False)

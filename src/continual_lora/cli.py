@@ -208,11 +208,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(databench.format_throughput(result))
         print(json.dumps(result))
         return 0
+    from .app.opcount import count_ops, format_op_report
     from .app.speed import format_speed_report, run_speed_bench
 
-    result = run_speed_bench(method=args.method, size=args.size, batch_size=args.batch_size, steps=args.steps,
-                             device=args.device)
-    print(format_speed_report(result))
+    if args.count_ops:
+        result = count_ops(method=args.method, size=args.size, batch_size=args.batch_size or 2, device=args.device,
+                           precision=args.precision, rank=args.rank)
+        print(format_op_report(result))
+    else:
+        result = run_speed_bench(method=args.method, size=args.size, batch_size=args.batch_size or 8,
+                                 steps=args.steps, warmup=args.warmup, device=args.device, rank=args.rank,
+                                 precision=args.precision, compile=args.compile)
+        print(format_speed_report(result))
     print(json.dumps(result))
     return 0
 
@@ -270,9 +277,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = sub.add_parser("bench", help="speed benchmark: step-time and merged-inference ratios")
     p.add_argument("--method", default="lora", help="lora | lilora | rank1_pool")
-    p.add_argument("--size", default="vitb16", choices=["vitb16", "tiny"])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--size", default="vitb16", choices=["vitb16", "tiny", "llava7b-mlp", "tiny-mlp"],
+                   help="a CLIP (vitb16, tiny) or one LLaMA MLP block (llava7b-mlp: 4096 -> 11008, 640 tokens)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples or sequences (default 8; --count-ops: 2)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", action="store_true",
                    help="input pipeline instead: images/s decoded + preprocessed per DataLoader worker count")
@@ -281,6 +290,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="with --data: worker counts to time")
     p.add_argument("--image-size", type=int, default=224, help="with --data: model resolution")
     p.add_argument("--data-dir", help="with --data: keep the generated dataset here (reused when it exists)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on both sides")
+    p.add_argument("--rank", type=int, default=None, help="default: 8 for lora, the method's release rank")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="torch.compile both sides' training models with this mode (default, reduce-overhead, ...)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="instead of timing: kernel-launching operators of one forward + backward, method vs LoRA")
     p.set_defaults(func=cmd_bench)
     return parser, dict(sub.choices)
 

@@ -34,6 +34,8 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 def in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. a checkpointed block recomputing its forward):
     branches that record statistics in forward (votes, balance terms) must not record them twice."""
+    if torch.compiler.is_compiling():  # a compiled forward is traced once and never re-run by the backward
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -190,6 +192,10 @@ class AdapterConfig:
 
     def build_branch(self, in_features: int, out_features: int) -> AdapterBranch:
         raise NotImplementedError
+
+    def link(self, branches: Sequence[AdapterBranch]) -> None:
+        """Called by :func:`inject_adapters` with every branch it built for one model (model order), for
+        branches that share work across weights (LiLoRA builds all its B_t together). Default: nothing."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

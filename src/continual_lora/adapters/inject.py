@@ -79,6 +79,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
         _wrap(model, config, chosen)
     for layer in adapted_layers(model).values():
         layer.train(layer.base_layer.training)  # new branches follow the model's train / eval mode
+    config.link(list(branches(model).values()))
     setattr(model, CONFIG_ATTR, config)
     return chosen
 

@@ -28,6 +28,8 @@ from torch import nn
 from ..contract import Batch
 from ..runtime import PRECISIONS, Engine
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class TrainConfig:
@@ -49,6 +51,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for forward passes (fp16 adds a loss scaler)
     gradient_checkpointing: bool = False  # transformers models: recompute block activations in backward
     dump_replicas: bool = False  # distributed: ranks > 0 also save their method state to <checkpoint>/rank<k>/
+    compile: bool = False  # torch.compile each task's training forward (model, loss, method terms); not with DeepSpeed
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode when compile is on (reduce-overhead: CUDA graphs)
 
     def __post_init__(self) -> None:
         if self.epochs is None and (self.iterations is None or self.iterations <= 0):
@@ -72,6 +76,8 @@ class TrainConfig:
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"train.max_grad_norm must be a finite number > 0 or null (no clipping), "
                              f"got {self.max_grad_norm}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         try:
@@ -95,23 +101,37 @@ class Objective(nn.Module):
     Mixed precision is entered HERE, inside the forward: DeepSpeed's engine runs its module inside
     ``torch.autocast(enabled=False)`` when it finds CUDA autocast already on and its config has no
     ``torch_autocast`` section, so an autocast around the engine call would be switched off.
+
+    ``compile_mode``: run the forward through ``torch.compile(mode=compile_mode)`` (``train.compile``).
+    Each task builds a new objective (new trainable parameters, new guards), so the graphs compiled
+    for earlier objectives are dropped first: they would never match again and would count towards
+    dynamo's recompile limit.
     """
 
     def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Batch], torch.Tensor],
                  terms: Callable[[nn.Module, Batch], dict[str, torch.Tensor]] | None = None,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 compile_mode: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
         self.terms = terms
         self.autocast = autocast
+        self.run: Callable[[Objective, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]] = _objective_forward
+        if compile_mode is not None:
+            torch._dynamo.reset_code(_objective_forward.__code__)
+            self.run = torch.compile(_objective_forward, mode=compile_mode)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with self.autocast():
-            loss = self.loss(self.model, batch)
-            terms = self.terms(self.model, batch) if self.terms is not None else {}
-        total = loss + sum(terms.values()) if terms else loss
-        return total, terms
+        return self.run(self, batch)
+
+
+def _objective_forward(objective: Objective, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    with objective.autocast():
+        loss = objective.loss(objective.model, batch)
+        terms = objective.terms(objective.model, batch) if objective.terms is not None else {}
+    total = loss + sum(terms.values()) if terms else loss
+    return total, terms
 
 
 def warmup_cosine(steps: int, warmup: int, lr: float, min_lr: float = 0.0) -> Callable[[int], float]:

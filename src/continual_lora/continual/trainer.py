@@ -109,6 +109,9 @@ class ContinualTrainer:
         # one process, or one rank of a torchrun / accelerate launch (see continual_lora.runtime)
         self.runtime = runtime if runtime is not None else runtime_for(config)
         self.runtime.check_batch_size(config.batch_size)
+        if config.compile and self.runtime.deepspeed is not None:
+            raise ValueError("train.compile is not supported under DeepSpeed (its engine wraps the step); "
+                             "use DDP or one process, or set train.compile=false")
         self.model = model.to(self.runtime.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
@@ -175,7 +178,7 @@ class ContinualTrainer:
         trainable = sum(p.numel() for p in params)  # (ZeRO-3 swaps these parameter objects when training ends)
         objective = Objective(self.model, loss=lambda model, batch: kind.loss(model, batch, runtime.gather),
                               terms=lambda model, batch: self.method.loss_terms(model, batch, context),
-                              autocast=runtime.autocast)
+                              autocast=runtime.autocast, compile_mode=cfg.compile_mode if cfg.compile else None)
         engine = runtime.engine(objective, optimizer)  # DDP-wrapped / a DeepSpeed engine when distributed
 
         def next_batch() -> Any:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,7 @@ from ..adapters.inject import CONFIG_ATTR
 from ..errors import ConfigDeprecationWarning
 from ..contract import TaskContext
 from .base import Method, open_task, register_method, typed_branches
+from .lilora_up import UpProjections
 from .task_router import RouterConfig
 
 STABILITY_TARGETS = ("A", "B0", "both")
@@ -144,6 +146,10 @@ class LiLoRAConfig(RouterConfig, AdapterConfig):
     def build_branch(self, in_features: int, out_features: int) -> "LiLoRABranch":
         return LiLoRABranch(in_features, out_features, self)
 
+    def link(self, branches: Sequence[AdapterBranch]) -> None:
+        """The branches of one model build their B_t together (lilora_up.py)."""
+        UpProjections([b for b in branches if isinstance(b, LiLoRABranch)])
+
 
 class LiLoRABranch(AdapterBranch):
     """Shared ``A`` / ``B0`` owned once per layer; per-task ``P[t]``, ``Q[t]``, ``g[t]``."""
@@ -167,6 +173,8 @@ class LiLoRABranch(AdapterBranch):
         self.snapshot_names = config.snapshot_names()
         for name in self.snapshot_names:
             self.register_buffer(f"{name}_prev", getattr(self, name).detach().clone())
+        self.ups: UpProjections | None = None  # shared with the model's other branches (set by link)
+        self.up_index = 0
 
     @property
     def tasks(self) -> list[str]:
@@ -203,7 +211,8 @@ class LiLoRABranch(AdapterBranch):
         h = F.linear(self.dropout(x.to(self.A.dtype)), self.A)  # (..., r)
         if self.sample_groups is not None:  # a mixed batch: A is shared, B_t per sample's task
             return self.per_sample(h, lambda rows, task: F.linear(rows, self.up(task))) * self.scale
-        return F.linear(h, self.up()) * self.scale
+        up = self.ups.get(self) if self.ups is not None else self.up()  # B_t (out, r)
+        return F.linear(h, up) * self.scale
 
     def delta_weight(self, task: str | None = None) -> torch.Tensor:  # (out, in)
         return (self.up(task) @ self.A) * self.scale

@@ -8,6 +8,12 @@ One rank-r LoRA ``dW = s B A`` (``s = alpha / r``) is a pool of r rank-1 experts
     m   = the R experts with most votes        (R,)    sum_n v_n; ties -> lowest index
     y   = W0 x + b + s * B[:, m] (A[m, :] dropout(x))  (low rank: dW is never built)
 
+computed as ``y = W0 x + b + B (mult * (A dropout(x)))`` with ``mult = s * 1[i in m]`` (r,): a mask
+multiply on the full rank-r factors instead of gathering rows and columns (unchosen experts still
+add exact zeros and get exactly zero gradient). Steps 2-3 and the mask are one fused operator
+after the router's softmax (``rank1_kernels.py``: ATen everywhere, one Triton kernel on CUDA), and the
+AGO loss of all layers is a few batched operators per group of equal shapes (same file).
+
 ``counts`` add up ``sum_n v_n`` over a task (training mode only). From the second task on the
 AGO loss pushes the current critical experts ``C`` (top-k by counts) away from past columns ``P``::
 
@@ -64,6 +70,7 @@ from ..adapters.base import check_task_name, in_backward
 from ..adapters.inject import CONFIG_ATTR, branches
 from ..contract import TaskContext
 from .base import Method, register_method, typed_branches
+from .rank1_kernels import ago_total, rank1_mask, rank1_route, rank1_votes
 
 
 @dataclass
@@ -105,6 +112,10 @@ class Rank1PoolConfig(AdapterConfig):
 
     def build_branch(self, in_features: int, out_features: int) -> "Rank1PoolBranch":
         return Rank1PoolBranch(in_features, out_features, self)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _ranked(t: torch.Tensor) -> torch.Tensor:
@@ -164,37 +175,37 @@ class Rank1PoolBranch(AdapterBranch):
             x = x.mean(self.seq_dim) if self.routing_token == "mean" else x.select(self.seq_dim, self.routing_token)
         return x.reshape(-1, self.in_features)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Batch mask ``m`` (R,), router probabilities (N, r) and per-expert votes (r,)."""
+    def _route(self, x: torch.Tensor, count: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(multiplier (r,): ``scale`` on the batch's experts, 0 elsewhere; probabilities (N, r); votes (r,)).
+        ``count``: add the votes to ``counts``. One fused operator after the router (rank1_kernels.py)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.router_mode == "learned"):
             token = self.routing_input(x).to(self.router.weight.dtype)
             probs = self.router(token).softmax(dim=-1)  # (N, r)
-        top = _ranked(probs.detach())[:, : self.top_r]  # (N, R) each sample's votes
-        votes = torch.zeros(probs.shape, dtype=torch.long, device=probs.device).scatter_(1, top, 1).sum(0)  # (r,)
-        if self.training and dist.is_available() and dist.is_initialized():
+        if self.training and _distributed():
             # every rank must pick the same experts (and count the same votes) or the replicas'
             # updates, and later the merged sets S, would differ between ranks. Training only:
             # evaluation scores a different shard (and number of batches) on each rank
+            votes = rank1_votes(probs.detach(), self.top_r)
             dist.all_reduce(votes)
-        mask = _ranked(votes)[: self.top_r].sort().values  # (R,)
-        return mask, probs, votes
+            return rank1_mask(votes, self.counts, self.top_r, self.scale, count, dtype), probs, votes
+        multiplier, votes = rank1_route(probs.detach(), self.counts, self.top_r, self.scale, count, dtype)
+        return multiplier, probs, votes
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch mask ``m`` (R,) ascending, router probabilities (N, r) and per-expert votes (r,); counts nothing."""
+        multiplier, probs, votes = self._route(x, count=False, dtype=torch.float32)
+        return multiplier.nonzero().flatten(), probs, votes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        gate = None
+        h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
         if self.forced_mask is not None:
-            mask = self.forced_mask.to(self.lora_A.device)
-        else:
-            mask, probs, votes = self.route(x)
-            if self.training and not in_backward():
-                self.counts += votes  # gradient checkpointing re-runs forward in backward: count once
-            if self.router_mode == "learned":
-                gate = probs.index_select(1, mask).mean(0)  # (R,) batch-mean probability of each chosen expert
-        a = self.lora_A.index_select(0, mask)  # (m, in)
-        b = self.lora_B.index_select(1, mask)  # (out, m)
-        h = F.linear(self.dropout(x), a)  # (..., m)
-        if gate is not None:
-            h = h * gate.to(h.dtype)
-        return F.linear(h, b) * self.scale  # (..., out)
+            mask = self.forced_mask.to(h.device)
+            multiplier = torch.zeros(self.rank, dtype=h.dtype, device=h.device).index_fill_(0, mask, self.scale)
+        else:  # gradient checkpointing re-runs forward in backward: count once
+            multiplier, probs, _ = self._route(x, self.training and not in_backward(), h.dtype)
+            if self.router_mode == "learned":  # batch-mean probability of each chosen expert
+                multiplier = multiplier * probs.mean(0).to(h.dtype)
+        return F.linear(h * multiplier, self.lora_B)  # (..., out): scale * B[:, m] A[m, :] x
 
     # --- experts, records, merge ----------------------------------------------------------
     def merge_set(self) -> torch.Tensor:
@@ -259,14 +270,6 @@ class Rank1PoolBranch(AdapterBranch):
         cols = [r.B_all if self.keep_all_columns else r.B for r in self.records.values()]
         return torch.cat(cols, dim=1) if cols else None
 
-    def ago_term(self) -> torch.Tensor:
-        """sum_{i in C, j in P} |b_i . p_j| with C = top-k experts by the running counts."""
-        past = self.past_columns()
-        if past is None:
-            return self.lora_B.new_zeros(())
-        current = self.lora_B.index_select(1, self.merge_set())  # (out, k)
-        return (current.T @ past.detach().to(current.dtype)).abs().sum()
-
     def parameter_count(self) -> ParamCount:
         trainable = self.lora_A.numel() + self.lora_B.numel() + sum(p.numel() for p in self.router.parameters())
         per_task = {t: sum(v.numel() for k, v in r.state_dict().items() if k in ("A", "B", "B_all"))
@@ -306,10 +309,9 @@ class Rank1Pool(Method):
 
     def loss_terms(self, model: nn.Module, batch: object = None, context: TaskContext | None = None) -> dict[str, torch.Tensor]:
         pool = _pool(model)
-        terms = [b.ago_term() for b in pool if b.tasks]
-        if not terms:
+        if not any(b.tasks for b in pool):
             return {"ago": pool[0].lora_B.new_zeros(())}
-        return {"ago": self.config.ago_lambda * torch.stack(terms).sum() / len(pool)}
+        return {"ago": self.config.ago_lambda * ago_total(pool) / len(pool)}
 
     def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         for _, branch, weight in sites(model):

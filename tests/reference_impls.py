@@ -1,13 +1,17 @@
 """The seed methods' hot paths as they were before issue 15 made them fast (commit 0e986d3), kept
-verbatim as reference implementations: tests/test_fast_paths.py checks that today's code gives the
+verbatim as reference implementations: tests/test_fast_paths.py and tests/test_lilora_fast_path.py check that today's code gives the
 same outputs, gradients, votes, counts, masks and merged sets (atol 1e-6 where a reformulation
 changes float rounding, exactly where it does not)."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from conftest import clip_inputs
 
 from continual_lora.methods.lilora import LiLoRABranch
 from continual_lora.methods.rank1_pool import Rank1PoolBranch
@@ -79,3 +83,34 @@ def rank1_ago_loss(pool: list[Rank1PoolBranch], ago_lambda: float) -> torch.Tens
     if not terms:
         return pool[0].lora_B.new_zeros(())
     return ago_lambda * torch.stack(terms).sum() / len(pool)
+
+
+def train_twins(method_cls, cfg, base, patch, tasks: int = 2, steps: int = 3):
+    """Train ``base`` with today's code and a twin with the old forward: same seeds, same batches."""
+    runs = []
+    for old in (False, True):
+        model = copy.deepcopy(base)
+        method = method_cls(cfg)
+        torch.manual_seed(0)
+        method.attach(model)
+        if old:
+            patch(model, method)
+        losses = []
+        for index in range(tasks):
+            torch.manual_seed(100 + index)
+            method.begin_task(model, f"t{index}", index)
+            # SGD: AdamW would divide rounding-level differences of near-zero gradient entries by
+            # their own size and turn them into weight differences of up to a fraction of lr
+            opt = torch.optim.SGD(method.trainable_parameters(model), lr=0.5, momentum=0.9)
+            model.train()
+            for step in range(steps):
+                batch = clip_inputs(batch=4, seed=10 * index + step)
+                loss = model(**batch, return_loss=True).loss + sum(method.loss_terms(model, batch).values())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            model.eval()
+            method.end_task(model, f"t{index}", index)
+        runs.append((model, method, losses))
+    return runs

@@ -1,15 +1,14 @@
-"""Issue 15 made the Rank-1 pool and LiLoRA cheap per step (fused routing, a mask multiply, batched
-B_t). These tests hold the fast paths to the code they replaced (tests/reference_impls.py, the
-code of commit 0e986d3): same seeds, same inputs; votes, counts, masks and merged sets exactly,
-outputs and gradients to atol 1e-6 (the pool's mask multiply and folded scale change fp32
-rounding) or exactly (LiLoRA's batched B_t)."""
+"""Issue 15 made the Rank-1 pool cheap per step (a fused routing operator, a mask multiply, the AGO
+loss batched over layers). These tests hold the fast paths to the code they replaced
+(tests/reference_impls.py, the code of commit 0e986d3): same seeds, same inputs; votes, counts,
+masks and merged sets exactly, outputs and gradients to atol 1e-6 (the mask multiply and folded
+scale change fp32 rounding). LiLoRA's batched B_t: tests/test_lilora_fast_path.py."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,13 @@ from pathlib import Path
 import pytest
 import reference_impls as ref
 import torch
-import torch.nn.functional as F
-from conftest import clip_inputs, make_tiny_clip
+from conftest import make_tiny_clip
 from torch import nn
 
-from continual_lora.adapters import add_task, branches, inject_adapters, set_task
+from continual_lora.adapters import branches
 from continual_lora.adapters.base import in_backward
-from continual_lora.methods import LiLoRA, LiLoRAConfig, Rank1Pool, Rank1PoolConfig
+from continual_lora.methods import Rank1Pool, Rank1PoolConfig
 from continual_lora.methods import rank1_kernels as routing
-from continual_lora.methods.lilora import LiLoRABranch
 from continual_lora.methods.rank1_pool import Rank1PoolBranch
 
 ATOL = 1e-6
@@ -181,43 +178,12 @@ def patch_old_pool(model: nn.Module, method: Rank1Pool) -> None:
     method.loss_terms = lambda model, batch=None, context=None: {"ago": ref.rank1_ago_loss(pool, method.config.ago_lambda)}
 
 
-def train_twins(method_cls, cfg, base, patch, tasks: int = 2, steps: int = 3):
-    """Train ``base`` with today's code and a twin with the old forward: same seeds, same batches."""
-    runs = []
-    for old in (False, True):
-        model = copy.deepcopy(base)
-        method = method_cls(cfg)
-        torch.manual_seed(0)
-        method.attach(model)
-        if old:
-            patch(model, method)
-        losses = []
-        for index in range(tasks):
-            torch.manual_seed(100 + index)
-            method.begin_task(model, f"t{index}", index)
-            # SGD: AdamW would divide rounding-level differences of near-zero gradient entries by
-            # their own size and turn them into weight differences of up to a fraction of lr
-            opt = torch.optim.SGD(method.trainable_parameters(model), lr=0.5, momentum=0.9)
-            model.train()
-            for step in range(steps):
-                batch = clip_inputs(batch=4, seed=10 * index + step)
-                loss = model(**batch, return_loss=True).loss + sum(method.loss_terms(model, batch).values())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-            model.eval()
-            method.end_task(model, f"t{index}", index)
-        runs.append((model, method, losses))
-    return runs
-
-
 def test_pool_training_run_matches_the_old_code() -> None:
     """Two tasks on the tiny CLIP (AGO on the second): per-step losses, weights, counts, records and
     the merged sets S of today's code against the old forward."""
     base = make_tiny_clip()
     cfg = Rank1PoolConfig(rank=6, top_r=4, dropout=0.2)
-    (new, _, new_losses), (old, _, old_losses) = train_twins(Rank1Pool, cfg, base, patch_old_pool)
+    (new, _, new_losses), (old, _, old_losses) = ref.train_twins(Rank1Pool, cfg, base, patch_old_pool)
     torch.testing.assert_close(torch.tensor(new_losses), torch.tensor(old_losses), atol=ATOL, rtol=0)
     new_state, old_state = new.state_dict(), old.state_dict()
     assert list(new_state) == list(old_state)
@@ -254,158 +220,6 @@ def test_pool_ago_loss_batched_over_layers_matches_the_old_loss(past: str) -> No
     close(new_loss, old_loss, "AGO value")
     for branch, grad in zip(pool, new_grads):
         close(grad, branch.lora_B.grad, "B's gradient")  # (a batched matmul: equal to fp32 rounding)
-
-
-# --- LiLoRA: batched B_t ----------------------------------------------------------------------
-def lilora_model(seed: int = 0, **kw) -> tuple[nn.Module, LiLoRA]:
-    torch.manual_seed(seed)
-    model = make_tiny_clip(seed)
-    method = LiLoRA(LiLoRAConfig(**{"rank": 4, "alpha": 8.0, "inner_rank": 2, "dropout": 0.0, **kw}))
-    method.attach(model)
-    method.begin_task(model, "t0", 0)
-    with torch.no_grad():
-        for branch in branches(model).values():
-            branch.B0.normal_()
-            branch.P["t0"].normal_()
-    return model, method
-
-
-def patch_old_lilora(model: nn.Module, method: LiLoRA | None = None) -> None:
-    for branch in branches(model).values():
-        branch.forward = lambda x, branch=branch: ref.lilora_forward(branch, x)
-
-
-def lilora_step(model: nn.Module, seed: int, **kw) -> torch.Tensor:
-    return model(**clip_inputs(batch=3, seed=seed), return_loss=True, **kw).loss
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same_grads(a: nn.Module, b: nn.Module) -> None:
-    ga, gb = grads(a), grads(b)
-    assert ga.keys() == gb.keys() and ga
-    for name in ga:
-        assert torch.equal(ga[name], gb[name]), name
-
-
-def test_lilora_batched_up_equals_the_per_weight_formula() -> None:
-    model, _ = lilora_model()
-    found = branches(model)
-    assert len({(b.out_features, b.rank) for b in found.values()}) == 2  # two shape groups
-    ups = next(iter(found.values())).ups
-    assert ups is not None and all(b.ups is ups for b in found.values())
-    for branch in found.values():
-        assert torch.equal(ups.get(branch), ref.lilora_up(branch))
-
-
-def test_lilora_training_matches_the_old_code_exactly() -> None:
-    """Two tasks (B0 frozen on the second): per-step losses and final weights bit for bit."""
-    base = make_tiny_clip()
-    cfg = LiLoRAConfig(rank=4, alpha=8.0, inner_rank=2, dropout=0.1)
-    (new, _, new_losses), (old, _, old_losses) = train_twins(LiLoRA, cfg, base, patch_old_lilora, steps=4)
-    assert new_losses == old_losses
-    new_state, old_state = new.state_dict(), old.state_dict()
-    assert all(torch.equal(new_state[k], old_state[k]) for k in new_state)
-
-
-def test_lilora_values_are_rebuilt_whenever_they_would_be_stale() -> None:
-    model, method = lilora_model()
-    old = copy.deepcopy(model)
-    patch_old_lilora(old)
-    first = next(iter(branches(model).values()))
-    opt_new = torch.optim.SGD(method.trainable_parameters(model), lr=0.1)
-    opt_old = torch.optim.SGD([p for p in old.parameters() if p.requires_grad], lr=0.1)
-    # gradient accumulation: two micro-batches (forward, backward each), then one step
-    for twin in (model, old):
-        for seed in (1, 2):
-            lilora_step(twin, seed).backward()
-    assert_same_grads(model, old)
-    opt_new.step(), opt_old.step()
-    # two forwards sharing the values, then two backward calls
-    model.zero_grad(), old.zero_grad()
-    for twin in (model, old):
-        losses = [lilora_step(twin, seed) for seed in (3, 4)]
-        for loss in losses:
-            loss.backward()
-    assert_same_grads(model, old)
-    # built without grad (evaluation), then used with grad: rebuilt, so gradients reach P, Q, g
-    model.zero_grad(), old.zero_grad()
-    with torch.no_grad():
-        lilora_step(model, 5)
-    assert not first.ups.values[0].requires_grad  # type: ignore[index]
-    for twin in (model, old):
-        lilora_step(twin, 5).backward()
-    assert_same_grads(model, old)
-    # an in-place change without a backward (load_state_dict, a hand edit) is seen
-    with torch.no_grad():
-        lilora_step(model, 6)
-        first.P["t0"].add_(1.0)
-        dict(old.named_parameters())[[n for n, p in model.named_parameters() if p is first.P["t0"]][0]].add_(1.0)
-        assert torch.equal(lilora_step(model, 6), lilora_step(old, 6))
-    # a new task (new factors, B0 frozen) and switching tasks
-    for twin in (model, old):
-        torch.manual_seed(3)  # the new task's Q and g are drawn
-        method.begin_task(twin, "t1", 1) if twin is model else LiLoRA(method.config).begin_task(twin, "t1", 1)
-    with torch.no_grad():
-        for twin in (model, old):
-            for b in branches(twin).values():
-                b.P["t1"].normal_(generator=torch.Generator().manual_seed(7))
-        assert torch.equal(lilora_step(model, 8), lilora_step(old, 8))
-        set_task(model, "t0"), set_task(old, "t0")
-        assert torch.equal(lilora_step(model, 8), lilora_step(old, 8))
-    # copies and pickles carry no built values and keep the branches linked
-    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        found = list(branches(twin).values())
-        assert found[0].ups is not first.ups and all(b.ups is found[0].ups for b in found)
-        assert found[0].ups.values is None
-        with torch.no_grad():
-            assert torch.equal(lilora_step(twin, 8), lilora_step(old, 8))
-
-
-def test_lilora_gradient_checkpointing_reuses_the_forward_values() -> None:
-    model, _ = lilora_model(dropout=0.0)
-    plain = copy.deepcopy(model)
-    model.train(), plain.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lilora_step(model, 1).backward()
-    lilora_step(plain, 1).backward()
-    assert_same_grads(model, plain)
-
-
-def test_lilora_factors_not_materialised_are_left_to_their_branch() -> None:
-    """DeepSpeed ZeRO-3 holds a parameter as an empty tensor until its module runs (and again after it,
-    unless persistent): the other branches still build together, that one builds its own B_t."""
-    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 5))
-    inject_adapters(model, LiLoRAConfig(targets=["0", "1", "2"], rank=4, inner_rank=2, dropout=0.0))
-    add_task(model, "a")
-    found = branches(model)
-    with torch.no_grad():
-        for b in found.values():
-            b.B0.normal_(), b.P["a"].normal_()
-    x = torch.randn(3, 5)
-    second, third = found["1"], found["2"]
-    kept = third.P["a"].data
-    third.P["a"].data = torch.empty(0)  # partitioned
-    assert torch.equal(second(x), ref.lilora_forward(second, x))
-    assert second.ups.values[2] is None and second.ups.values[1] is not None
-    third.P["a"].data = kept  # fetched: its stamp changed, so the values are rebuilt with it
-    assert torch.equal(third(x), ref.lilora_forward(third, x)) and second.ups.values[2] is not None
-    third.P["a"].ds_persist = False  # a ZeRO-3 parameter that is partitioned again after each forward
-    second.ups.clear()
-    assert torch.equal(third(x), ref.lilora_forward(third, x)) and second.ups.values[2] is None
-
-
-def test_lilora_branches_without_a_link_use_the_per_weight_formula() -> None:
-    layer = nn.Linear(6, 5)
-    inject_adapters(layer_holder := nn.Sequential(layer), LiLoRAConfig(targets=["0"], rank=4, inner_rank=2))
-    add_task(layer_holder, "a")
-    branch = next(iter(branches(layer_holder).values()))
-    assert isinstance(branch, LiLoRABranch) and branch.ups is not None
-    branch.ups = None  # e.g. a branch built by hand
-    x = torch.randn(3, 6)
-    assert torch.equal(branch(x), ref.lilora_forward(branch, x))
 
 
 # --- Triton kernel (optional; checked on the CPU through Triton's interpreter) -----------------

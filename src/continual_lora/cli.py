@@ -171,7 +171,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .app.compare import compare
 
     plot = args.plot or Path(args.run_dirs[0]).parent / "comparison.png"
-    print(compare(args.run_dirs, plot_path=plot))
+    print(compare(args.run_dirs, plot_path=plot, by=args.by))
     print(f"\ncomparison plot: {plot}")
     return 0
 
@@ -266,6 +266,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = sub.add_parser("compare", help="markdown table + plot over run directories")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--plot", help="where to write the comparison plot")
+    p.add_argument("--by", default="group", choices=["group", "label", "name"],
+                   help="rows: <group>/<label> for runs started with group=<g>, else the method label (default); "
+                        "the method label only; <run name>/<label>")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("data", help="check a data root before training (data check mtil --root DIR)")

@@ -1,4 +1,4 @@
-"""Compare finished runs: a markdown table (mean ± std over runs with the same label) and a bar plot."""
+"""Compare finished runs: a markdown table (mean ± std over the runs of one row) and a bar plot."""
 
 from __future__ import annotations
 
@@ -13,8 +13,28 @@ from . import plots
 from .rundir import load_results
 
 
-def compare(run_dirs: list[str | Path], plot_path: str | Path | None = None) -> str:
-    """Markdown table (method x metric, mean ± std over runs with the same label) + a plot.
+GROUP_BY = ("group", "label", "name")
+
+
+def row_key(results: dict[str, Any], by: str = "group") -> str:
+    """The table row a run belongs to; runs of one row are averaged (seeds).
+
+    ``label``: the method label (``lilora``); ``group`` (default): ``<group>/<label>`` for a run
+    started with ``group=<g>`` (the variants of a sweep, each over seeds), else the label; ``name``:
+    ``<run name>/<label>``, one row per run directory's run name (nothing averaged across names)."""
+    label = str(results.get("label", results["method"]))
+    if by == "label":
+        return label
+    if by == "group":
+        group = results.get("group")
+        return f"{group}/{label}" if group else label
+    if by == "name":
+        return f"{(results.get('config') or {}).get('name', '?')}/{label}"
+    raise ValueError(f"compare: group by one of {GROUP_BY}, got {by!r}")
+
+
+def compare(run_dirs: list[str | Path], plot_path: str | Path | None = None, by: str = "group") -> str:
+    """Markdown table (row x metric, mean ± std over the runs of a row, :func:`row_key`) + a plot.
 
     Plain files among ``run_dirs`` are skipped (``runs/x/*`` also matches the comparison plot a
     previous run wrote there); a missing directory, one without results, an unfinished run or runs
@@ -28,7 +48,7 @@ def compare(run_dirs: list[str | Path], plot_path: str | Path | None = None) -> 
         res = load_results(d)
         if not res.get("finished") or not isinstance(res.get("metrics"), dict):
             raise RunDirError(f"{d}: the run is not finished; finish it with `continual-lora run <config> --resume`")
-        grouped.setdefault(res.get("label", res["method"]), []).append(res)
+        grouped.setdefault(row_key(res, by), []).append(res)
     if not grouped:
         raise RunDirError(f"no run directories among {[str(d) for d in run_dirs][:5]}: give runs/<name>/<method> "
                           "directories (or runs/<name>/*)")

@@ -37,6 +37,7 @@ class RunConfig:
     """One experiment: a benchmark, a base model, a training budget and one or more methods."""
 
     name: str = "run"  # results go to <output_dir>/<name>/<method label>/
+    group: str = ""  # `compare` averages runs of one group and method label (a sweep's variant over seeds); "": by label
     output_dir: str = "runs"  # root of all run directories
     seed: int = 0  # data split, initialisation and batch order
     # the benchmark's own config class, picked by its name (benchmarks/__init__.py)
@@ -110,6 +111,8 @@ def results_dict(config: RunConfig, label: str, method: Method, state: RunState,
         "finished": state.finished,
         "seed": config.seed,
     }
+    if config.group:
+        out["group"] = config.group
     if state.finished:
         scores = metrics.PROTOCOLS[protocol](matrix)
         out["metrics"] = scores
@@ -147,7 +150,7 @@ def results_dict(config: RunConfig, label: str, method: Method, state: RunState,
 
 
 # resume: changes with no effect on results
-ALWAYS_ALLOWED_CHANGES = ("output_dir", "train.progress", "train.dump_replicas", "train.num_workers")
+ALWAYS_ALLOWED_CHANGES = ("output_dir", "group", "train.progress", "train.dump_replicas", "train.num_workers")
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -80,6 +80,8 @@ def lilora(model: nn.Module) -> dict[str, LiLoRABranch]:
         (dict(gate_init=float("nan")), "gate_init"), (dict(stability_target="C"), "stability_target"),
         (dict(stability="a_cosine", lambda_stab=-1.0), "lambda_stab"),
         (dict(stability="a_cosine", stability_target="B0", lambda_stab=1.0), "B0"), (dict(stability="x"), "stability"),
+        (dict(stability="a_cosine", stability_target="both", lambda_stab=1.0), "both"),
+        (dict(stability="paper", paper_layer_reduce="Mean"), "paper_layer_reduce"),
         (dict(stability="paper", freeze_shared_b_after_first_task=True), "freeze_shared_b_after_first_task"),
     ],
 )

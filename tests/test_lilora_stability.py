@@ -105,6 +105,22 @@ def test_paper_loss_by_hand() -> None:
     torch.testing.assert_close(paper_loss(model, "t1", "t0", reduce="sum"), sum(expected))
 
 
+def test_paper_loss_compares_with_the_task_just_before() -> None:
+    model, method = paper_pair()
+    method.end_task(model, "t1", 1)
+    method.begin_task(model, "t2", 2)  # a new snapshot of B0
+    g = torch.Generator().manual_seed(2)
+    for b in lilora(model).values():
+        out, s, r = b.out_features, b.inner_rank, b.rank
+        for task in ("t0", "t1", "t2"):
+            set_factors(b, task, torch.randn((out, s), generator=g), torch.randn((s, r), generator=g))
+        with torch.no_grad():
+            b.B0.add_(torch.randn(b.B0.shape, generator=g))
+    to_t1, to_t0 = paper_loss(model, "t2", "t1"), paper_loss(model, "t2", "t0")
+    assert not torch.allclose(to_t1, to_t0)  # the check below can tell the two apart
+    torch.testing.assert_close(method.loss_terms(model, None)["stability"], 2.0 * to_t1)
+
+
 def test_paper_loss_is_zero_for_the_same_product_and_the_full_l2_term_for_orthogonal_ones() -> None:
     model, _ = paper_pair()
     for b in lilora(model).values():

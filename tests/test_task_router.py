@@ -34,7 +34,7 @@ from continual_lora.adapters import (
     use_task,
 )
 from continual_lora.errors import UserError
-from continual_lora.kinds.clip_ops import encode_images
+from continual_lora.kinds.clip_ops import encode_images, text_classifier
 from continual_lora.methods import LiLoRAConfig, PrototypeRouter, build_method
 from continual_lora.methods.o_lora import OLoRAConfig
 
@@ -144,6 +144,21 @@ def test_mahalanobis_discounts_a_direction_every_task_varies_along() -> None:
     assert scores["mahalanobis"] >= 0.97 and scores["cosine"] < 0.8, scores
 
 
+@pytest.mark.parametrize("bad, message", [(dict(router_metric="maha"), "router_metric"), (dict(route="All"), "route"),
+                                          (dict(router_shrinkage=0.0), "router_shrinkage"),
+                                          (dict(task_router="proto"), "task_router")])
+def test_router_options_are_checked_in_python_too(bad, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_method("per_task_lora", **METHOD_ARGS["per_task_lora"], **{"task_router": "prototype", **bad})
+
+
+def test_mahalanobis_without_any_within_task_spread_still_routes() -> None:
+    router = PrototypeRouter("mahalanobis", shrinkage=0.1)
+    router.observe("a", torch.tensor([[0.0, 1.0]]))  # one sample per task: the pooled scatter is zero
+    router.observe("b", torch.tensor([[1.0, 0.0]]))
+    assert router.assign(torch.tensor([[0.1, 0.9], [0.8, 0.3]]), ["a", "b"]).tolist() == [0, 1]
+
+
 def test_mahalanobis_distance_by_hand() -> None:
     router = PrototypeRouter(metric="mahalanobis", shrinkage=0.25)
     fa = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 1.0]])
@@ -185,11 +200,30 @@ def test_xtail_routes_each_sample_and_reports_task_id_accuracy(clip_stream, tmp_
     assert resumed.xtail_matrix == state.xtail_matrix and resumed.xtail_task_id_accuracy == accuracy
 
 
-def test_confidence_routing_and_route_all(clip_stream) -> None:
+@pytest.mark.parametrize("name", ["per_task_lora", "lilora"])
+def test_confidence_routing_and_route_all(clip_stream, name) -> None:
     kind, base = clip_stream
-    state, _ = run_stream(base, routed("per_task_lora", "confidence", route="all"), kind, TASKS, TRAIN, xtail=True)
+    state, trainer = run_stream(base, routed(name, "confidence", route="all"), kind, TASKS, TRAIN, xtail=True)
     assert set(state.task_id_accuracy) == set(state.xtail_task_id_accuracy) == {t.name for t in TASKS}
-    oracle, _ = run_stream(base, build_method("per_task_lora", **METHOD_ARGS["per_task_lora"]), kind, TASKS, TRAIN)
+    # route: all -> after the last task the per-task matrix is routed too: the same routing as X-TAIL
+    assert state.task_id_accuracy == state.xtail_task_id_accuracy
+    # the rule, computed here by hand: each test image goes to the task whose adapter gives the highest
+    # top-class probability over that task's own classes
+    model, expected = trainer.model.eval(), {}
+    with torch.no_grad():
+        classifiers = {}
+        for t in TASKS:
+            with use_task(model, t.name):
+                classifiers[t.name] = text_classifier(model, kind.tokenizer, t.class_names, t.templates)
+        for t in TASKS:
+            scores = []
+            for other in TASKS:
+                with use_task(model, other.name):
+                    logits = kind.logit_scale * kind.image_features(model, {"images": t.test_images}) @ classifiers[other.name].t()
+                scores.append(logits.softmax(dim=-1).amax(dim=-1))
+            expected[t.name] = 100.0 * float((torch.stack(scores).argmax(dim=0) == TASKS.index(t)).float().mean())
+    assert state.xtail_task_id_accuracy == pytest.approx(expected)
+    oracle, _ = run_stream(base, build_method(name, **METHOD_ARGS[name]), kind, TASKS, TRAIN)
     # after task 0 there is one task to route to: task 0 is scored as with the oracle id; the tasks not
     # trained yet also go through task 0's adapter (no id at all), not through the base model
     assert state.matrix[0][0] == oracle.matrix[0][0] and len(state.matrix) == 3
@@ -208,7 +242,7 @@ def test_saved_router_routes_the_same(clip_stream, tmp_path) -> None:
     assert torch.equal(fresh.router.assign(features, fresh.router.tasks),
                        method.router.assign(features, method.router.tasks))
     build_method("per_task_lora", **METHOD_ARGS["per_task_lora"]).save(model, str(tmp_path / "plain"))
-    with pytest.raises(ValueError, match="without a task router"):
+    with pytest.raises(UserError, match="without a task router"):
         routed("per_task_lora", "prototype").load(copy.deepcopy(base), str(tmp_path / "plain"))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -215,6 +215,7 @@ class TaskContext:
     batch_size: int = 32  # the trainer's (global) batch size
     task_steps: tuple[int, ...] = ()  # optimiser steps the trainer budgets for each task of the stream
     gather: Gather = no_gather  # rows of every rank, for a term that couples the samples of the batch
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext  # the run's mixed precision, for a hook's own forwards
 
     def sample(self, task: Any, batch_size: int) -> Batch:
         """A random training batch of ``task`` (any task of the stream)."""

@@ -166,7 +166,7 @@ class ContinualTrainer:
         generator = torch.Generator().manual_seed(seed)
         context = TaskContext(task, index, self.tasks, kind, generator, batch_size=cfg.batch_size,
                               task_steps=tuple(cfg.steps_for(kind.num_train(t)) for t in self.tasks),
-                              gather=runtime.gather)
+                              gather=runtime.gather, autocast=runtime.autocast)
         self.method.begin_task(self.model, task.name, index, context)
         params = self.method.trainable_parameters(self.model)
         steps = self.method.train_steps(index, cfg.steps_for(kind.num_train(task)), context)

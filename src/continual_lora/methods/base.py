@@ -51,6 +51,7 @@ from ..adapters import (
 )
 from ..adapters.inject import branches
 from ..contract import Routing, TaskContext
+from ..errors import CheckpointError
 from .task_router import ROUTER_FILE, MethodRouting, PrototypeRouter
 
 
@@ -93,7 +94,7 @@ class Method:
     def end_task(self, model: nn.Module, task: str, index: int, context: TaskContext | None = None) -> None:
         if self.router is not None:  # the frozen base model's features of the task's training inputs
             ctx = self.need_context(context)
-            with disable_adapters(model):
+            with disable_adapters(model), ctx.autocast():  # the precision evaluation routes at
                 features = ctx.kind.route_features(model, ctx.task, self.config.router_samples)  # type: ignore[attr-defined]
             self.router.observe(task, features)
         self.trained_tasks.append(task)
@@ -182,7 +183,7 @@ class Method:
         self.load_extra_state(read_adapter_config(directory)["extra"])
         if self.router is not None:
             if not (Path(directory) / ROUTER_FILE).exists():
-                raise ValueError(f"{directory} was saved without a task router; this {self.name} has "
+                raise CheckpointError(f"{directory} was saved without a task router; this {self.name} has "
                                  f"task_router: {self.routing_mode}")
             self.router.load(directory)
         self._routing = None

@@ -75,8 +75,8 @@ from .task_router import RouterConfig
 
 STABILITY_TARGETS = ("A", "B0", "both")
 STABILITY = ("release", "paper", "a_cosine")
-PAPER_LAMBDA = 1.0  # lambda of `paper` when not given (docs/results.md: the validation sweep)
-A_COSINE_LAMBDA = 0.1  # lambda of `a_cosine` when not given (docs/results.md: the validation sweep)
+PAPER_LAMBDA = 10.0  # lambda of `paper` when not given: best validation Last of 0.01-100 (docs/results.md)
+A_COSINE_LAMBDA = 1.0  # lambda of `a_cosine` when not given: best validation Last of 0.1-10 (docs/results.md)
 
 
 @dataclass
@@ -128,11 +128,13 @@ class LiLoRAConfig(RouterConfig, AdapterConfig):
         if self.stability == "paper" and self.freeze_shared_b_after_first_task:
             raise ValueError("stability 'paper' trains B0 on every task (its loss holds B0 in place): "
                              "freeze_shared_b_after_first_task must be false or null")
-        if (self.stability == "a_cosine" and self.lambda_stab > 0 and self.stability_target == "B0"
+        if self.paper_layer_reduce not in ("mean", "sum"):
+            raise ValueError(f"paper_layer_reduce must be 'mean' or 'sum', got {self.paper_layer_reduce!r}")
+        if (self.stability == "a_cosine" and self.lambda_stab > 0 and self.stability_target in ("B0", "both")
                 and self.freeze_shared_b_after_first_task):
             raise ValueError(
-                "stability_target='B0' with freeze_shared_b_after_first_task=True: B0 never moves after the "
-                "snapshot, so the loss is constant; use target 'A' or unfreeze B0"
+                f"stability_target={self.stability_target!r} with freeze_shared_b_after_first_task=True: B0 never "
+                "moves after the snapshot, so its part of the loss is a constant; use target 'A' or unfreeze B0"
             )
 
     def snapshot_names(self) -> tuple[str, ...]:

@@ -58,8 +58,12 @@ class RouterConfig:
         getattr(super(), "__post_init__", lambda: None)()
         if self.task_router not in ROUTERS:
             raise ValueError(f"task_router must be one of {ROUTERS}, got {self.task_router!r}")
-        if not 0.0 <= self.router_shrinkage <= 1.0:
-            raise ValueError(f"router_shrinkage must be in [0, 1], got {self.router_shrinkage!r}")
+        if self.router_metric not in ("cosine", "mahalanobis"):
+            raise ValueError(f"router_metric must be 'cosine' or 'mahalanobis', got {self.router_metric!r}")
+        if self.route not in ("xtail", "all"):
+            raise ValueError(f"route must be 'xtail' or 'all', got {self.route!r}")
+        if not 0.0 < self.router_shrinkage <= 1.0:  # > 0: the covariance stays invertible with few samples
+            raise ValueError(f"router_shrinkage must be in (0, 1], got {self.router_shrinkage!r}")
         if self.router_samples is not None and self.router_samples <= 0:
             raise ValueError(f"router_samples must be > 0 or null, got {self.router_samples!r}")
 
@@ -98,7 +102,10 @@ class PrototypeRouter:
         dof = max(sum(self.counts.values()) - len(self.counts), 1)
         pooled = self.scatter / dof
         d = pooled.shape[0]
-        return (1 - self.shrinkage) * pooled + self.shrinkage * (pooled.trace() / d) * torch.eye(d, dtype=pooled.dtype)
+        scale = pooled.trace() / d
+        if not scale > 0:  # no within-task spread at all (one sample per task): the identity's scale
+            scale = torch.ones((), dtype=pooled.dtype)
+        return (1 - self.shrinkage) * pooled + self.shrinkage * scale * torch.eye(d, dtype=pooled.dtype)
 
     def distances(self, features: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """(N, T) distance of each sample to each task of ``tasks`` (smaller = nearer)."""

@@ -168,6 +168,17 @@ def test_pool_branch_under_bf16_autocast_stays_close() -> None:
     torch.testing.assert_close(y_new.float(), y_old.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_pool_scale_is_not_rounded_to_bf16_under_autocast() -> None:
+    """alpha / r = 1/12 is 0.0835 in bf16 (+0.2 %); the update must not carry that bias."""
+    branch = random_pool(4, in_f=64, out_f=64, rank=12, top_r=12, alpha=1.0, dropout=0.0).eval()
+    x = torch.randn(256, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = branch(x).float()
+    exact = (x.bfloat16().float() @ branch.lora_A.bfloat16().float().t()).bfloat16().float() @ branch.lora_B.bfloat16().float().t() / 12
+    ratio = float((y * exact).sum() / (exact * exact).sum())  # 1 + the systematic part of the error
+    assert abs(ratio - 1) < 5e-4, ratio
+
+
 def patch_old_pool(model: nn.Module, method: Rank1Pool) -> None:
     """Make every pool branch of ``model`` and the method's AGO loss run the code before issue 15."""
     pool = list(branches(model).values())

@@ -153,6 +153,15 @@ def test_data_check_prints_a_table_and_json_and_exits_2_when_something_is_missin
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["missing"] == ["food"]
     assert captured.err.count("error: ") == 1 and "food: " in captured.err and "meta/train.json" in captured.err
+    # files that are there but hold something else: still one line per dataset, no traceback
+    broken = make_mtil_root(tmp_path / "broken")
+    (broken / "oxford-iiit-pet" / "annotations" / "test.txt").write_text("Abyssinian_1\n")  # no class column
+    (broken / "food-101" / "meta" / "train.json").write_text('{"not_a_class": 1}')
+    assert main(["data", "check", "mtil", "--root", str(broken)]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["missing"] == ["food", "oxford_pet"]
+    assert captured.err.count("error: ") == 2 and "Traceback" not in captured.err
+    assert "oxford_pet: the files under" in captured.err and "IndexError" in captured.err
 
 
 # --- streaming -----------------------------------------------------------------------------------------------
@@ -230,6 +239,27 @@ def test_clip_preprocessing() -> None:
     finally:
         spec.unlink()
     assert Preprocess.from_processor(None, 32) == Preprocess(size=32)
+
+
+def test_evaluation_preprocessing_equals_transformers_clip_image_processor() -> None:
+    """Shorter side to the size (bicubic; the longer side truncated, as transformers and torchvision do),
+    centre crop: the pixels CLIPImageProcessor gives, bit for bit (before normalisation)."""
+    import warnings
+
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers notes that torchvision is absent (deliberately)
+        hf = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                do_normalize=False)
+    for w, h in [(500, 375), (375, 500), (333, 250), (640, 427), (224, 224)]:  # 500 x 375: long side 298, not 299
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = torch.tensor(hf(image, return_tensors="np")["pixel_values"][0])
+        assert torch.equal(Preprocess(size=224).evaluation(image), expected), (w, h)
 
 
 # --- users' own folders ----------------------------------------------------------------------------------------

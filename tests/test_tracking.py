@@ -237,3 +237,40 @@ def test_a_missing_tracker_package_fails_before_training(monkeypatch) -> None:
     check_trackers(LoggingConfig(trackers=["tensorboard"]))
     with pytest.raises(ConfigError, match=r"wandb not installed; pip install 'continual-lora\[tracking\]'"):
         check_trackers(LoggingConfig(trackers=["tensorboard", "wandb"]))
+
+
+def test_non_finite_step_values_are_null_in_the_file_and_not_sent_to_trackers(tmp_path) -> None:
+    from continual_lora.app.tracking import RunLogger, Tracker
+    from continual_lora.continual import StepLog
+
+    class Recorder(Tracker):
+        def __init__(self) -> None:
+            self.seen: list[dict[str, float]] = []
+
+        def log(self, values, step) -> None:
+            self.seen.append(values)
+
+    logger = RunLogger(tmp_path, LoggingConfig(), name="x", label="m", store=tmp_path, config={}, protocol="mtil")
+    recorder = Recorder()
+    logger.trackers = [recorder]
+    # an fp16 step the loss scaler skipped: non-finite loss and gradient norm
+    logger.step(StepLog("a", 0, 1, 1, float("inf"), float("nan"), {"ago": float("-inf")}, 1e-3, float("nan")))
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+    event = json.loads(line)  # strict JSON: no NaN / Infinity literals
+    assert "NaN" not in line and "Infinity" not in line
+    assert event["loss"] is event["task_loss"] is event["grad_norm"] is event["terms"]["ago"] is None
+    assert recorder.seen == [{"train/lr": 1e-3}]
+
+
+def test_a_torn_last_line_is_dropped_when_a_run_resumes(tmp_path) -> None:
+    from continual_lora.app.tracking import RunLogger
+    from continual_lora.continual import RunState
+
+    good = [{"event": "config", "config": {}}, {"event": "task", "task": "a", "task_index": 0},
+            {"event": "step", "task": "b", "task_index": 1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in good) + '{"event": "st')
+    logger = RunLogger(tmp_path, LoggingConfig(), name="x", label="m", store=tmp_path, config={}, protocol="mtil")
+    state = RunState(tasks=["a", "b"], zero_shot=[1.0, 2.0], matrix=[[1.0, 2.0]], task_steps=[3])
+    logger.start(state)  # one task completed: its events stay, task b's and the torn line go
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["config", "task", "resume"]

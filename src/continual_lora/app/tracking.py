@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from .. import metrics
 from ..config import ConfigError
 from ..continual import RunState, StepLog
 from ..storage import atomic_write
+from .rundir import finite_json
 
 METRICS = "metrics.jsonl"
 TRACKER_IDS = "trackers.json"
@@ -203,6 +205,15 @@ class MlflowTracker(Tracker):
 
 
 # --- the run's logger ------------------------------------------------------------------------------
+def _event(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line; None for a blank or torn line (a run killed while writing it)."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
 class RunLogger:
     """metrics.jsonl + the configured trackers for one method's run directory (create on rank 0 only).
 
@@ -221,10 +232,12 @@ class RunLogger:
     # --- events ---------------------------------------------------------------------------
     def _write(self, event: str, **fields: Any) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+            # non-finite values (an fp16 step the loss scaler skipped) become null: the file stays JSON
+            f.write(json.dumps(finite_json({"event": event, "time": round(time.time(), 3), **fields}),
+                               allow_nan=False) + "\n")
 
     def _log(self, values: dict[str, float | None], step: int) -> None:
-        scalars = {k: float(v) for k, v in values.items() if v is not None}
+        scalars = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         for tracker in self.trackers:
             tracker.log(scalars, step)
 
@@ -234,8 +247,8 @@ class RunLogger:
         completed, first_step = state.completed, sum(state.task_steps)
         again = self.path.exists()  # an earlier attempt logged here (resumed, or restarted before any task ended)
         if again:  # keep the finished tasks' events; an attempt that finished none is dropped whole
-            kept = [line for line in self.path.read_text().splitlines()
-                    if completed and line.strip() and json.loads(line).get("task_index", -1) < completed]
+            events = [(line, _event(line)) for line in self.path.read_text().splitlines()] if completed else []
+            kept = [line for line, event in events if event is not None and event.get("task_index", -1) < completed]
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)), mode=0o644)
         ids_path = self.run_dir / TRACKER_IDS
         ids = json.loads(ids_path.read_text()) if completed and ids_path.exists() else {}

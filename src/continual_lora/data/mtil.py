@@ -98,7 +98,13 @@ def read_dataset(name: str, root: str | Path, split_dir: str | Path | None = Non
     manifest = Path(split_dir if split_dir is not None else default_split_dir(root)) / f"{name}.json"
     if manifest.is_file():
         return _from_manifest(name, root, manifest)
-    listing = READERS[name](root)
+    try:
+        listing = READERS[name](root)
+    except DataLayoutError:
+        raise
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:  # files there, content not as expected
+        raise DataLayoutError(f"{name}: the files under {root} are not in the layout this reader expects "
+                              f"({type(err).__name__}: {err}); docs/benchmarks.md lists each dataset's tree") from None
     if "all" in listing.splits:
         train, test = random_split(listing.splits["all"])
     else:

@@ -225,7 +225,8 @@ def _idx(name: str, path: Path) -> np.ndarray:
         gz = path.with_name(path.name + ".gz")
         if not gz.is_file():
             raise _missing(name, path, "is missing (and so is the .gz)")
-        data = gzip.open(gz).read()
+        with gzip.open(gz) as f:
+            data = f.read()
         shape = shape_of(data[: 4 + 4 * data[3]])
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(shape)
     except (IndexError, ValueError, OSError) as err:

@@ -60,9 +60,8 @@ class Preprocess:
         from PIL import Image
 
         short = self.resize or self.size
-        w, h = image.size
-        scale = short / min(w, h)
-        image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BICUBIC)
+        w, h = image.size  # the shorter side becomes `short`, the longer one is truncated as transformers' and torchvision's
+        image = image.resize((short, int(short * h / w)) if w <= h else (int(short * w / h), short), Image.BICUBIC)
         w, h = image.size
         left, top = (w - self.size) // 2, (h - self.size) // 2
         return _tensor(image.crop((left, top, left + self.size, top + self.size)))

@@ -167,6 +167,7 @@ for _name, _aten, _cuda in (("rank1_route", route_aten, _route_cuda), ("rank1_vo
                             ("rank1_mask", mask_aten, _mask_cuda)):
     _LIB.impl(_name, _aten, "CompositeExplicitAutograd")
     _LIB.impl(_name, _cuda, "CUDA")
+    _LIB.impl(_name, torch.library.fallthrough_kernel, "Autograd")  # not differentiable: outputs carry no graph
 
 
 @torch.library.register_fake("continual_lora::rank1_route", lib=_LIB)

@@ -229,6 +229,19 @@ def test_confidence_routing_and_route_all(clip_stream, name) -> None:
     assert state.matrix[0][0] == oracle.matrix[0][0] and len(state.matrix) == 3
 
 
+def test_oracle_xtail_scores_each_task_with_its_own_adapter_or_the_base_model(clip_stream) -> None:
+    kind, base = clip_stream
+    oracle, _ = run_stream(base, routed("per_task_lora", "oracle"), kind, TASKS, TRAIN, xtail=True)
+    plain, _ = run_stream(base, build_method("per_task_lora", **METHOD_ARGS["per_task_lora"]), kind, TASKS, TRAIN,
+                          xtail=True)
+    assert oracle.matrix == plain.matrix and oracle.xtail_task_id_accuracy == {}
+    for j, row in enumerate(oracle.xtail_matrix):
+        assert row[j] == plain.xtail_matrix[j][j]  # right after task j, no id means task j's adapter: the same
+        assert row[j + 1:] == oracle.xtail_zero_shot[j + 1:]  # tasks not trained yet: the base model
+    # earlier tasks: their own adapter, where the plain run uses the last one
+    assert any(row[i] != plain.xtail_matrix[j][i] for j, row in enumerate(oracle.xtail_matrix) for i in range(j))
+
+
 def test_saved_router_routes_the_same(clip_stream, tmp_path) -> None:
     kind, base = clip_stream
     method = routed("per_task_lora", "prototype")

@@ -115,7 +115,7 @@ class ContinualTrainer:
         self.model = model.to(self.runtime.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        if method.routing_mode != "none" and method.routing_mode not in kind.routing_modes:
+        if method.routing_mode not in ("none", "oracle") and method.routing_mode not in kind.routing_modes:
             raise UserError(f"{method.name}: task_router {method.routing_mode!r} is not available for "
                             f"{type(kind).__name__} (it supports: {list(kind.routing_modes) or 'none'})")
         self.method = method
@@ -146,8 +146,10 @@ class ContinualTrainer:
             if upto is not None and i > upto:
                 scores.append(float(fill[i]))
                 continue
+            # X-TAIL gives no task id, except to `task_router: oracle` (the bound a router could reach)
+            oracle = self.method.routing_mode == "oracle"
             select = contextlib.nullcontext() if base else self.method.evaluating(
-                self.model, None if xtail else task.name)
+                self.model, None if xtail and not oracle else task.name)
             with select as routing:
                 scores.append(self.runtime.evaluate(self.kind, self.model, task, xtail=xtail, routing=routing))
             if routing is not None:

@@ -52,7 +52,7 @@ from ..adapters import (
 from ..adapters.inject import branches
 from ..contract import Routing, TaskContext
 from ..errors import CheckpointError
-from .task_router import ROUTER_FILE, MethodRouting, PrototypeRouter
+from .task_router import ROUTED, ROUTER_FILE, MethodRouting, PrototypeRouter
 
 
 class Method:
@@ -124,7 +124,7 @@ class Method:
         if not self.uses_task_id:
             yield
             return
-        if self.routing_mode != "none" and self.trained_tasks and (task is None or self.config.route == "all"):  # type: ignore[attr-defined]
+        if self.routing_mode in ROUTED and self.trained_tasks and (task is None or self.config.route == "all"):  # type: ignore[attr-defined]
             yield self.routing(model)
             return
         if task is None and self.trained_tasks:
@@ -139,7 +139,7 @@ class Method:
     def routing(self, model: nn.Module) -> MethodRouting:
         """The routing over the trained tasks (kept, with the classifiers a kind caches in it, until
         the trained tasks change)."""
-        if self.routing_mode == "none":
+        if self.routing_mode not in ROUTED:
             raise ValueError(f"{self.name} has no task router (set task_router: prototype or confidence)")
         key = (id(model), tuple(self.trained_tasks))
         if self._routing is None or self._routing[0] != key:

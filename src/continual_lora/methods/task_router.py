@@ -39,7 +39,8 @@ from torch import nn
 from ..adapters import disable_adapters, use_sample_tasks, use_task
 from ..contract import Routing
 
-ROUTERS = ("none", "prototype", "confidence")
+ROUTERS = ("none", "prototype", "confidence", "oracle")  # oracle: X-TAIL with the true id (a bound, not a router)
+ROUTED = ("prototype", "confidence")  # the modes that pick a task per sample
 ROUTER_FILE = "router.safetensors"
 
 
@@ -48,7 +49,7 @@ class RouterConfig:
     """Config keys of a task-id method's task router: a mixin listed before the adapter config
     (``class LiLoRAConfig(RouterConfig, AdapterConfig)``)."""
 
-    task_router: Literal["none", "prototype", "confidence"] = "none"  # no id at evaluation: none = last task's adapter
+    task_router: Literal["none", "prototype", "confidence", "oracle"] = "none"  # no id at evaluation: none = last task's adapter
     router_metric: Literal["cosine", "mahalanobis"] = "mahalanobis"  # prototype: distance to the task means
     router_shrinkage: float = 0.1  # prototype mahalanobis: weight of the scaled identity in the covariance
     router_samples: int | None = 2048  # prototype: training inputs per task whose features are kept (null: all)

@@ -29,8 +29,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/continual-lora run --overwrite configs/demo.yaml  # the demo is re-runnable: it replaces runs/demo
 
+# two worker processes, each test file on one worker (module fixtures such as the distributed runs
+# are built once); TEST_WORKERS=0 runs the suite in this process
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

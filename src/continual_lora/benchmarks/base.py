@@ -11,7 +11,7 @@ that fails before the run directory is touched (a missing model or data root) an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -30,6 +30,19 @@ class BenchmarkConfig:
     ``name``'s default to the benchmark's name."""
 
     name: str = ""  # which benchmark (the registry key; see benchmarks/__init__.py)
+
+    def check_positive_or_null(self, *keys: str) -> None:
+        """For ``__post_init__``: each of ``keys`` is > 0 or null."""
+        for key in keys:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"benchmark.{key} must be > 0 or null, got {value}")
+
+    def check_subset(self, key: str, known: Sequence[str]) -> None:
+        """For ``__post_init__``: ``key`` lists some of ``known``, or is null (all of them)."""
+        chosen = getattr(self, key)
+        if chosen is not None and (not chosen or set(chosen) - set(known)):
+            raise ValueError(f"benchmark.{key} must list some of {list(known)} (or be null for all), got {chosen}")
 
 
 @dataclass(frozen=True)

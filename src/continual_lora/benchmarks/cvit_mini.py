@@ -158,14 +158,8 @@ class CvitMiniConfig(BenchmarkConfig):
     evaluate_future: bool = True  # false = after task k score tasks 0..k only (CVIT's triangle)
 
     def __post_init__(self) -> None:
-        for key in ("max_train_per_task", "max_test_per_task"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise ValueError(f"benchmark.{key} must be > 0 or null, got {getattr(self, key)}")
-        if self.domains is not None:
-            unknown = sorted(set(self.domains) - set(CVIT_MINI_TASKS))
-            if not self.domains or unknown:
-                raise ValueError(f"benchmark.domains must list some of {list(CVIT_MINI_TASKS)} (or be null "
-                                 f"for all), got {self.domains}")
+        self.check_positive_or_null("max_train_per_task", "max_test_per_task")
+        self.check_subset("domains", list(CVIT_MINI_TASKS))
 
 
 def check(bench: CvitMiniConfig, run: RunSettings) -> None:

@@ -36,15 +36,8 @@ class MtilConfig(BenchmarkConfig):
     train_templates: Literal["first", "all"] = "first"  # training captions: the first template (releases) or all
 
     def __post_init__(self) -> None:
-        if self.shots is not None and self.shots <= 0:
-            raise ValueError(f"benchmark.shots must be > 0 or null, got {self.shots}")
-        if self.max_test_per_task is not None and self.max_test_per_task <= 0:
-            raise ValueError(f"benchmark.max_test_per_task must be > 0 or null, got {self.max_test_per_task}")
-        if self.datasets is not None:
-            unknown = sorted(set(self.datasets) - set(DATASETS))
-            if not self.datasets or unknown:
-                raise ValueError(f"benchmark.datasets must list some of {list(DATASETS)} (or be null for all), "
-                                 f"got {self.datasets}")
+        self.check_positive_or_null("shots", "max_test_per_task")
+        self.check_subset("datasets", DATASETS)
 
     def stream(self) -> list[str]:
         return [d for d in ORDERS[self.order] if self.datasets is None or d in self.datasets]

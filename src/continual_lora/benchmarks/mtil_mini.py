@@ -41,18 +41,13 @@ class MtilMiniConfig(BenchmarkConfig):
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
             raise ValueError(f"benchmark.order must be one of {sorted(ORDERS)}, got {self.order!r}")
-        if self.shots is not None and self.shots <= 0:
-            raise ValueError(f"benchmark.shots must be > 0 or null, got {self.shots}")
+        self.check_positive_or_null("shots")
         if self.image_size < 4:
             raise ValueError(f"benchmark.image_size must be >= 4 pixels, got {self.image_size}")
         for key in ("max_train_per_task", "max_test_per_task"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"benchmark.{key} must be > 0, got {getattr(self, key)}")
-        if self.domains is not None:
-            unknown = sorted(set(self.domains) - set(DOMAINS))
-            if not self.domains or unknown:
-                raise ValueError(f"benchmark.domains must list some of {list(DOMAINS)} (or be null for all), "
-                                 f"got {self.domains}")
+        self.check_subset("domains", list(DOMAINS))
         if self.train_templates not in ("first", "all"):
             raise ValueError(f"benchmark.train_templates must be 'first' or 'all', got {self.train_templates!r}")
 

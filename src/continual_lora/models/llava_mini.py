@@ -43,7 +43,7 @@ from ..kinds.instruct import InstructionTuning
 from ..kinds.instruct_data import InstructSample, InstructTask
 from ..runtime import Engine
 from ..storage import atomic_cache_dir, cache_dir, cached, package_file
-from .small_clip import DEFAULT_MIX, MixPart, PretrainConfig, config_hash, load_pretrained
+from .small_clip import DEFAULT_MIX, MixPart, PretrainConfig, config_hash, hashable, load_pretrained
 from .source import SourceModel, write_image_processor
 
 ALIGN_FORMAT = 1  # bump when the stage-1 recipe changes in a way the config does not show
@@ -188,7 +188,7 @@ def _align_task(cfg: LlavaMiniConfig, image_size: int) -> InstructTask:
 
 
 def align_hash(cfg: LlavaMiniConfig, clip_cfg: PretrainConfig) -> str:
-    payload = {"cfg": asdict(cfg), "clip": config_hash(clip_cfg), "lm": SMOLLM2_GGUF, "format": ALIGN_FORMAT}
+    payload = {"cfg": hashable(cfg), "clip": config_hash(clip_cfg), "lm": SMOLLM2_GGUF, "format": ALIGN_FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

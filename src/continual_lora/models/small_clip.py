@@ -1,14 +1,23 @@
 """The project's own small CLIP: random init, contrastively pretrained on mtil-mini train splits.
 
 No CLIP weights ship with the dependencies, so the continual benchmarks start from this model.
-The pretraining mix is designed so the zero-shot row differs widely across domains:
-  mnist, shapes      all classes seen                            -> high zero-shot
-  animals, colors    only some classes seen                      -> partial
-  digits             never seen, but its class names seen (mnist) -> partial transfer
-  textile            never seen                                   -> near chance
+Two named mixes (``PretrainConfig.mix``; the benchmark picks one when the config leaves it null):
+
+``v2`` (mtil-mini v2, the default benchmark): half of each stream task's classes, so every task
+starts partly solved and fine-tuning has something to add:
+  mnist      zero..four of ten digits        fashion  5 of 10 garments
+  animals    5 of 10 animals                 colors   3 of 8 colours
+  shapes_crop  circle and rectangle of three (triangle never seen)
+  digits     never seen, but five of its class names seen (mnist) -> weak transfer
+Each part leaves out the images mtil-mini's validation split scores (``skip_validation``).
+
+``v1`` (mtil-mini v1, cvit-mini): mnist and shapes whole, animals 5/10, colours 3/8 (mnist and
+shapes high at zero-shot, textile and digits near chance); it draws from whole train splits.
+
 Only *train* splits are drawn from; test images are never seen. The result is cached under
 ``cache_dir()/pretrained/<hash>/`` (model.safetensors, config.json, tokenizer.json,
-pretrain_config.json, zero_shot.json), keyed by the PretrainConfig and the prompt vocabulary.
+pretrain_config.json, zero_shot.json), keyed by the PretrainConfig (its mix resolved to parts) and
+the prompt vocabulary.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -24,7 +34,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from ..continual.step import Objective, adamw, optimizer_step
-from ..data.domains import DOMAINS, KNOWN_DOMAINS, balanced_subset, domain_prompts, domain_task, load_domain
+from ..data.domains import (DOMAINS, KNOWN_DOMAINS, balanced_subset, domain_prompts, domain_task, load_domain,
+                            validation_indices)
 from ..kinds.clip_ops import contrastive_loss, evaluate_accuracy
 from ..runtime import Engine
 from ..storage import atomic_cache_dir, cache_dir, cached
@@ -40,6 +51,7 @@ class MixPart:
     domain: str  # mtil-mini domain name
     classes: tuple[str, ...] = ()  # class names kept (natural-language names); () keeps all
     max_images: int = 2000  # class-balanced, seeded cap on images taken
+    skip_validation: bool = True  # leave out the images benchmark.validation scores (the v1 mix did not)
 
     def __post_init__(self) -> None:
         if self.domain not in KNOWN_DOMAINS:
@@ -52,12 +64,23 @@ class MixPart:
             raise ValueError(f"MixPart.max_images must be >= 1, got {self.max_images}")
 
 
-DEFAULT_MIX: tuple[MixPart, ...] = (
-    MixPart("mnist", (), 3000),  # all 10 digits
-    MixPart("shapes", (), 3800),  # all 3 shapes (every resolved easy-VQA train image)
-    MixPart("animals", ("bird", "cat", "elephant", "giraffe", "horse"), 2000),  # 5 of 10 animals
-    MixPart("colors", ("red", "green", "blue"), 1000),  # 3 of 8 colours
-)
+MIXES: dict[str, tuple[MixPart, ...]] = {
+    "v1": (
+        MixPart("mnist", (), 3000, skip_validation=False),  # all 10 digits
+        MixPart("shapes", (), 3800, skip_validation=False),  # all 3 shapes (every resolved easy-VQA train image)
+        MixPart("animals", ("bird", "cat", "elephant", "giraffe", "horse"), 2000, skip_validation=False),
+        MixPart("colors", ("red", "green", "blue"), 1000, skip_validation=False),  # 3 of 8 colours
+    ),
+    "v2": (
+        MixPart("mnist", ("zero", "one", "two", "three", "four"), 2500),
+        MixPart("animals", ("bird", "cat", "elephant", "giraffe", "horse"), 2000),
+        MixPart("colors", ("red", "green", "blue"), 1000),
+        MixPart("fashion", ("t-shirt", "trouser", "dress", "sandal", "bag"), 2000),
+        MixPart("shapes_crop", ("circle", "rectangle"), 1500),
+    ),
+}
+"""Named pretraining mixes: ``v1`` (mtil-mini v1 and cvit-mini) and ``v2`` (mtil-mini v2)."""
+DEFAULT_MIX = MIXES["v1"]  # what a PretrainConfig with ``mix: null`` trains when no benchmark resolves it
 
 
 @dataclass(frozen=True)
@@ -82,7 +105,7 @@ class PretrainConfig:
     weight_decay: float = 0.1  # AdamW weight decay on matrices (not on biases / norms)
     warmup: int = 100  # linear warm-up steps, then cosine decay to 0
     seed: int = 0  # torch seed for init, data draw and batch order
-    mix: tuple[MixPart, ...] = field(default=DEFAULT_MIX)  # pretraining data (train splits only)
+    mix: tuple[MixPart, ...] | str | None = None  # parts, a MIXES name ("v1", "v2") or null: the benchmark's own
     eval_domains: tuple[str, ...] = ()  # domains of the measured zero-shot row; () = all available
 
     def __post_init__(self) -> None:
@@ -100,11 +123,25 @@ class PretrainConfig:
             raise ValueError(f"PretrainConfig.context_length must be >= 3, got {self.context_length}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0:
             raise ValueError("PretrainConfig.lr must be > 0, weight_decay and warmup >= 0")
-        if not self.mix:
+        if isinstance(self.mix, str) and self.mix not in MIXES:
+            raise ValueError(f"PretrainConfig.mix: unknown mix {self.mix!r}; named mixes: {sorted(MIXES)}")
+        if self.mix is not None and not self.mix:
             raise ValueError("PretrainConfig.mix must hold at least one MixPart")
         unknown = [d for d in self.eval_domains if d not in KNOWN_DOMAINS]
         if unknown:
             raise ValueError(f"PretrainConfig.eval_domains: unknown {unknown}; known: {KNOWN_DOMAINS}")
+
+
+    @property
+    def parts(self) -> tuple[MixPart, ...]:
+        """The mix as parts: a named mix looked up, null as ``DEFAULT_MIX``."""
+        if self.mix is None:
+            return DEFAULT_MIX
+        return MIXES[self.mix] if isinstance(self.mix, str) else self.mix
+
+    def with_mix(self, name: str) -> "PretrainConfig":
+        """This config with ``mix: null`` set to the named mix ``name`` (a set mix is kept)."""
+        return self if self.mix is not None else replace(self, mix=name)
 
 
 def build_tokenizer(cfg: PretrainConfig) -> WordTokenizer:
@@ -116,10 +153,24 @@ def build_tokenizer(cfg: PretrainConfig) -> WordTokenizer:
     return WordTokenizer.from_texts(texts, cfg.context_length)
 
 
+def hashable(config: Any) -> Any:
+    """``asdict`` of a config whose MixParts (anywhere in it) drop ``skip_validation`` when it is False, so
+    configs written before that field existed (the v1 mix) keep their cache keys."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            out = {k: strip(v) for k, v in value.items()}
+            if set(out) == {f.name for f in fields(MixPart)} and not out["skip_validation"]:
+                del out["skip_validation"]
+            return out
+        return [strip(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return strip(asdict(config))
+
+
 def config_hash(cfg: PretrainConfig, tokenizer: WordTokenizer | None = None) -> str:
-    """12 hex digits identifying the config, the vocabulary and the recipe version."""
+    """12 hex digits identifying the config (its mix resolved to parts), the vocabulary and the recipe version."""
     tok = tokenizer or build_tokenizer(cfg)
-    payload = {"cfg": asdict(cfg), "vocab": tok.vocab, "format": PRETRAIN_FORMAT}
+    payload = {"cfg": hashable(replace(cfg, mix=cfg.parts)), "vocab": tok.vocab, "format": PRETRAIN_FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -154,10 +205,12 @@ def _build_mix(cfg: PretrainConfig) -> _Mix:
     """Images and union labels of the mix, from train splits only (seeded, class-balanced)."""
     g = torch.Generator().manual_seed(cfg.seed)
     images, labels, names, templates = [], [], [], []
-    for part in cfg.mix:
+    for part in cfg.parts:
         task = load_domain(part.domain, cfg.image_size)
         keep = [i for i, c in enumerate(task.class_names) if not part.classes or c in part.classes]
         idx = torch.nonzero(torch.isin(task.train_labels, torch.tensor(keep))).flatten()
+        if part.skip_validation:  # every validation set of any size is a subset of the largest (a fifth)
+            idx = idx[~torch.isin(idx, validation_indices(part.domain, task.train_labels, max_test=None))]
         idx = idx[balanced_subset(task.train_labels[idx], part.max_images, g)]
         remap = torch.full((task.num_classes,), -1, dtype=torch.long)
         for i in keep:
@@ -231,7 +284,7 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> P
     with atomic_cache_dir(final) as tmp:  # another process may finish first: its copy is kept
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save(tmp / "tokenizer.json")
-        (tmp / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (tmp / "pretrain_config.json").write_text(json.dumps(asdict(replace(cfg, mix=cfg.parts)), indent=1))
         (tmp / "zero_shot.json").write_text(json.dumps({"accuracy": row, "train_seconds": seconds}, indent=1))
     return final
 

@@ -128,7 +128,7 @@ TINY = """
 name: e2e
 benchmark: {domains: [digits, shapes_crop], shots: 3, max_test_per_task: 40}
 pretrain: {steps: 8, batch_size: 16, warmup: 2, vision_layers: 1, text_layers: 1, vision_width: 32, text_width: 32,
-           vision_heads: 2, text_heads: 2, vision_mlp: 64, text_mlp: 64, projection_dim: 16}
+           vision_heads: 2, text_heads: 2, vision_mlp: 64, text_mlp: 64, projection_dim: 16, eval_domains: [digits, shapes_crop]}
 train: {iterations: 3, batch_size: 8, progress: false}
 methods:
   - {name: seq_lora, rank: 2}

@@ -37,7 +37,7 @@ CONFIG = """
 name: dist
 benchmark: {version: 1, domains: [digits, textile], shots: 3, max_test_per_task: 40}
 pretrain: {steps: 8, batch_size: 16, warmup: 2, vision_layers: 1, text_layers: 1, vision_width: 32, text_width: 32,
-           vision_heads: 2, text_heads: 2, vision_mlp: 64, text_mlp: 64, projection_dim: 16}
+           vision_heads: 2, text_heads: 2, vision_mlp: 64, text_mlp: 64, projection_dim: 16, eval_domains: [digits, textile]}
 train: {iterations: 4, batch_size: 8, grad_accum: 2, lr: 5.0e-3, progress: false}
 logging: {trackers: [tensorboard]}
 methods:

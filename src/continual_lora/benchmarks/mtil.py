@@ -18,7 +18,7 @@ from ..data.mtil import DATASETS, ORDERS, mtil_tasks, read_dataset
 from ..kinds.clip import ClipClassification
 from ..kinds.images import FileImageTask
 from ..models.clip import check_model, load_clip, preprocess_for
-from .base import Benchmark, BenchmarkConfig, RunSettings, Stream, clip_source, small_clip_config
+from .base import Benchmark, BenchmarkConfig, RunSettings, Stream, clip_source
 
 
 @dataclass
@@ -63,7 +63,7 @@ def build(bench: MtilConfig, run: RunSettings) -> Stream:
 def disk_clip_stream(tasks: list[FileImageTask], run: RunSettings, train_templates: str, xtail: bool) -> Stream:
     """The CLIP classification stream over tasks whose images are read from disk, preprocessed as the
     run's model expects (also the ``folders`` benchmark's)."""
-    model, tokenizer = load_clip(run.model, small_clip_config(bench, run), seed=run.seed, progress=run.progress)
+    model, tokenizer = load_clip(run.model, run.pretrain, seed=run.seed, progress=run.progress)
     kind = ClipClassification(tokenizer, tasks, device=run.device, logit_scale=run.logit_scale,
                               train_templates=train_templates, preprocess=preprocess_for(run.model, model),
                               num_workers=run.num_workers)

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean fashion-mnist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.txt requirements-tracking.tx
 	touch $(STAMP)
 
 install: $(STAMP)
+
+fashion-mnist:  # retry the Fashion-MNIST step alone (the install step runs it once)
+	sh scripts/install-fashion-mnist.sh
 
 demo: $(STAMP)
 	$(BIN)/continual-lora run --overwrite configs/demo.yaml  # the demo is re-runnable: it replaces runs/demo

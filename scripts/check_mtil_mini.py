@@ -21,7 +21,15 @@ def main(paths: list[str]) -> int:
         result = json.loads((Path(p) / "results.json").read_text())
         if result["method"] not in runs:
             raise SystemExit(f"{p}: a {result['method']} run; give per_task_lora and seq_lora runs")
+        if not result.get("finished"):
+            raise SystemExit(f"{p}: an unfinished run; finish it with `continual-lora run <config> --resume`")
+        bench = result["config"]["benchmark"]
+        if bench.get("name") != "mtil-mini" or bench.get("version") != 2 or bench.get("validation"):
+            raise SystemExit(f"{p}: not a run of mtil-mini v2's test stream (benchmark: {bench})")
         runs[result["method"]].append(result)
+    bases = {r["base_model"] for rs in runs.values() for r in rs}
+    if len(bases) > 1:
+        raise SystemExit(f"check_mtil_mini: the runs start from different base models {sorted(bases)}")
     print(f"seeds: per_task_lora {len(runs['per_task_lora'])}, seq_lora {len(runs['seq_lora'])}")
     try:
         criteria = design_criteria(runs["per_task_lora"], runs["seq_lora"])

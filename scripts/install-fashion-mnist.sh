@@ -7,10 +7,10 @@ DIR=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}  # overridable for t
 if ls "$DIR"/t10k-images-idx3* >/dev/null 2>&1; then
     exit 0
 fi
-if [ "$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+if [ "$(id -u)" = 0 ]; then SUDO=env; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n env"; else SUDO=none; fi
 if [ "$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing Fashion-MNIST (apt-get install dataset-fashion-mnist) for mtil-mini v2"
-    export DEBIAN_FRONTEND=noninteractive
+    SUDO="$SUDO DEBIAN_FRONTEND=noninteractive"  # sudo drops the caller's environment
     $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 \
         || { $SUDO apt-get update -qq >/dev/null 2>&1 \
              && $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1; }
@@ -22,5 +22,6 @@ cat >&2 <<MSG
 NOTE: Fashion-MNIST is not installed and could not be installed here (needs apt-get and root or
       passwordless sudo). mtil-mini v2 will run five of its six tasks (no "fashion") and warn; its
       numbers then differ from docs/results.md. To add it: sudo apt-get install dataset-fashion-mnist
+      (or, where make may use sudo later: make fashion-mnist)
 MSG
 exit 0

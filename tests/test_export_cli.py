@@ -149,3 +149,21 @@ def test_cli_export_errors_are_one_line_with_exit_2(tiny_run, tmp_path, capsys) 
     assert main(["export", str(tiny_run / "rank1_pool"), "--format", "hf", "--out", str(tmp_path / "full"),
                  "--overwrite"]) == 0
     assert (tmp_path / "full" / "model.safetensors").exists() and not (tmp_path / "full" / "x").exists()
+
+
+def test_runs_written_before_mtil_mini_v2_read_back_as_v1(tiny_run, tmp_path) -> None:
+    """results.json without ``benchmark.version`` (written before v2) is a v1 run, whose domains v2 lacks."""
+    import json
+    import shutil
+
+    from continual_lora.app.export import read_run
+
+    old = tmp_path / "old" / "lilora"
+    shutil.copytree(tiny_run / "lilora", old)
+    results = json.loads((old / "results.json").read_text())
+    results["config"]["benchmark"].pop("version")
+    results["config"]["benchmark"]["domains"] = ["digits", "textile"]
+    (old / "results.json").write_text(json.dumps(results))
+    run = read_run(old)
+    assert run.config.benchmark.version == 1 and run.config.benchmark.domains == ["digits", "textile"]
+    assert read_run(tiny_run / "lilora").config.benchmark.version == 2  # a recorded version is kept

@@ -55,6 +55,8 @@ def test_named_mixes_and_null_resolve_to_parts() -> None:
     assert pt.config_hash(pt.PretrainConfig()) == pt.config_hash(pt.PretrainConfig(mix="v1"))
     assert pt.config_hash(pt.PretrainConfig(mix="v1")) == pt.config_hash(pt.PretrainConfig(mix=pt.MIXES["v1"]))
     assert pt.config_hash(pt.PretrainConfig(mix="v2")) != pt.config_hash(pt.PretrainConfig(mix="v1"))
+    if "fashion" in mm.DOMAINS:  # the v2 model behind docs/results.md
+        assert pt.config_hash(pt.PretrainConfig(mix="v2")) == "655292041fe2"
     # the v1 cache key of the model behind the v1 tables, from before the skip_validation field and the v2 domains
     assert pt.config_hash(pt.PretrainConfig(mix="v1")) == "e5947cc0f741"
     assert pt.config_hash(pt.PretrainConfig(mix=(replace(pt.MIXES["v1"][0], skip_validation=True),))) != \
@@ -65,6 +67,28 @@ def test_named_mixes_and_null_resolve_to_parts() -> None:
         pt.PretrainConfig(mix="v9")
     with pytest.raises(ValueError, match="at least one MixPart"):
         pt.PretrainConfig(mix=())
+
+
+def test_results_written_before_v2_read_back_as_the_v1_model() -> None:
+    """results.json of older runs record the v1 mix as parts without ``skip_validation``: export rebuilds
+    the same base model from them (the same cache key)."""
+    from continual_lora.app.runner import RunConfig
+    from continual_lora.config import from_dict
+
+    old_parts = [{"domain": p.domain, "classes": list(p.classes), "max_images": p.max_images} for p in pt.MIXES["v1"]]
+    config = from_dict(RunConfig, {"benchmark": {"name": "mtil-mini", "version": 1}, "pretrain": {"mix": old_parts}})
+    assert pt.config_hash(config.pretrain) == pt.config_hash(pt.PretrainConfig(mix="v1")) == "e5947cc0f741"
+
+
+def test_a_named_mix_leaves_out_domains_this_machine_lacks(monkeypatch) -> None:
+    monkeypatch.setattr(pt, "DOMAINS", tuple(d for d in mm.DOMAINS if d != "fashion"))
+    with pytest.warns(UserWarning, match=r"'v2' without \['fashion'\]"):
+        parts = pt.PretrainConfig(mix="v2").parts
+    assert [p.domain for p in parts] == ["mnist", "animals", "colors", "shapes_crop"]
+    with pytest.warns(UserWarning):
+        assert pt.config_hash(pt.PretrainConfig(mix="v2")) != "655292041fe2"  # another model, another key
+    explicit = pt.PretrainConfig(mix=pt.MIXES["v2"])
+    assert explicit.parts == pt.MIXES["v2"]  # parts given explicitly are kept (and fail when built)
 
 
 def test_run_config_takes_the_benchmarks_mix_unless_it_sets_one() -> None:
@@ -93,7 +117,7 @@ def test_run_config_takes_the_benchmarks_mix_unless_it_sets_one() -> None:
 
 def test_v2_mix_leaves_out_every_validation_image() -> None:
     """Validation scores images the base model never trained on; the v1 mix (skip_validation False) did not."""
-    part = pt.MixPart("digits", ("zero", "one"), 10_000)
+    part = pt.MixPart("digits", ("zero", "one"), 10_000, skip_validation=True)
     full = mm.load_domain("digits", 32)
     held = set(mm.validation_indices("digits", full.train_labels, max_test=None).tolist())
     assert len(held) == len(full.train_labels) // 5

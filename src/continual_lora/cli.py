@@ -145,7 +145,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """The small CLIP of a run config's ``pretrain:`` section (its defaults when it has none), or of a
-    YAML file of bare pretrain keys."""
+    YAML file of bare pretrain keys; ``mix: null`` is the run's benchmark's mix (the default benchmark's,
+    mtil-mini v2, for bare keys or no file)."""
     import dataclasses
 
     from .app.runner import RunConfig
@@ -153,7 +154,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     data = load_yaml(args.config, args.overrides) if args.config else apply_overrides({}, args.overrides)
     if set(data) <= {f.name for f in dataclasses.fields(PretrainConfig)}:
-        config = from_dict(PretrainConfig, data, path="pretrain")
+        config = from_dict(RunConfig, {"pretrain": data}).pretrain
     else:  # a run config
         config = from_dict(RunConfig, data).pretrain
     print(pretrain(config, progress=True))

@@ -73,6 +73,9 @@ def read_run(run_dir: str | os.PathLike) -> TrainedRun:
     if not method_dir(run_dir).is_dir():
         raise ExportError(f"{run_dir} has no checkpoint ({method_dir(run_dir)} is missing)")
     data = dict(results["config"])
+    bench = data.get("benchmark")
+    if isinstance(bench, dict) and bench.get("name", "mtil-mini") == "mtil-mini" and "version" not in bench:
+        data["benchmark"] = {**bench, "version": 1}  # written before mtil-mini v2 existed: the run was v1
     label = data.pop("label", results.get("label", results["method"]))
     entry = {k: v for k, v in data.pop("methods")[0].items() if k != "method"}  # "method": the adapter config's
     config = from_dict(RunConfig, {**data, "methods": [{"name": results["method"], "label": label, **entry}]})

@@ -59,7 +59,7 @@ class RunConfig:
             raise ValueError(f"methods: labels must be unique, got {labels}")
         self.pretrain = self.pretrain.with_mix(self.benchmark.small_clip_mix())  # recorded by name in results.json
         for entry, label in zip(self.methods, labels):
-            if "train" in entry and not isinstance(entry["train"], dict):
+            if entry.get("train") is not None and not isinstance(entry["train"], dict):
                 raise ValueError(f"methods.{label}.train must be a mapping of train keys, got {entry['train']!r}")
             self._method_train(str(label))  # a bad per-method train key fails here
 

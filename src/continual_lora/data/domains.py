@@ -317,8 +317,10 @@ def domain_seed(name: str, seed: int) -> int:
 
 def validation_indices(name: str, train_labels: torch.Tensor, max_test: int | None = 400) -> torch.Tensor:
     """The train-split indices ``domain_task(validation=True)`` scores on (sorted): class-balanced, drawn
-    with a fixed seed, at most ``max_test`` and at most a fifth of the split. The small CLIP's mix leaves
-    them out (``MixPart.skip_validation``), so validation never scores images the base model was trained on."""
+    with a fixed seed, at most ``max_test`` and at most a fifth of the split. The small CLIP's v2 mix leaves
+    out these rows of each of its domains (``MixPart.skip_validation``). colors and shapes_crop are drawn
+    from the same easy-VQA pictures, and the rows left out are per domain, so some pictures of one's
+    validation set are pretrained on under the other's captions (docs/benchmarks.md)."""
     g_val = torch.Generator().manual_seed(domain_seed(name, VALIDATION_SEED))
     cap = min(max_test if max_test is not None else len(train_labels), len(train_labels) // 5)
     return balanced_subset(train_labels, cap, g_val)

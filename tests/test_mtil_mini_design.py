@@ -1,4 +1,4 @@
-"""mtil-mini v2's design criteria: the checker on made-up results, and (opt-in, ~3 min) on real runs.
+"""mtil-mini v2's design criteria: the checker on made-up results, and (opt-in, ~1 min) on real runs.
 
 The real check trains per-task LoRA and sequential LoRA with their shipped configs at seed 0 and
 asserts every criterion (docs/benchmarks.md; 63 s here with the model cached); docs/results.md has the 3-seed table. It pretrains the

@@ -1,8 +1,9 @@
 """mtil-mini v2's design criteria: the checker on made-up results, and (opt-in, ~1 min) on real runs.
 
 The real check trains per-task LoRA and sequential LoRA with their shipped configs at seed 0 and
-asserts every criterion (docs/benchmarks.md; 63 s here with the model cached); docs/results.md has the 3-seed table. It pretrains the
-v2 small CLIP first when the cache lacks it, so it is off in `make test`:
+asserts every criterion (docs/benchmarks.md; 63 s here with the model cached); docs/results.md has
+the 3-seed table. It pretrains the v2 small CLIP first when the cache lacks it, so it is off in
+`make test`:
 
     CONTINUAL_LORA_DESIGN_CHECK=1 .venv/bin/python -m pytest tests/test_mtil_mini_design.py
 """
@@ -60,12 +61,14 @@ def test_criteria_are_means_over_seeds() -> None:
 
 
 @pytest.mark.skipif(os.environ.get("CONTINUAL_LORA_DESIGN_CHECK") != "1",
-                    reason="trains two methods on mtil-mini v2 (~1 min, +1.5 min to pretrain when not cached); set CONTINUAL_LORA_DESIGN_CHECK=1")
+                    reason="trains two methods on mtil-mini v2 (~1 min, +1.5 min to pretrain when not cached); "
+                           "set CONTINUAL_LORA_DESIGN_CHECK=1")
 def test_shipped_configs_meet_the_v2_criteria_at_seed_0(tmp_path) -> None:
     runs = []
     for method in ("per_task_lora", "seq_lora"):
-        subprocess.run([sys.executable, "-m", "continual_lora.cli", "run", str(ROOT / "configs/mtil-mini" / f"{method}.yaml"),
-                        f"output_dir={tmp_path}", "name=design", "train.progress=false"], check=True)
+        config = ROOT / "configs" / "mtil-mini" / f"{method}.yaml"
+        subprocess.run([sys.executable, "-m", "continual_lora.cli", "run", str(config), f"output_dir={tmp_path}",
+                        "name=design", "train.progress=false"], check=True)
         runs.append(json.loads((tmp_path / "design" / method / "results.json").read_text()))
     criteria = design_criteria([runs[0]], [runs[1]])
     assert runs[0]["tasks"] == ["animals", "colors", "digits", "fashion", "mnist", "shapes_crop"]

@@ -167,7 +167,8 @@ def crop_to_shape(x: torch.Tensor, margin: float = 0.15) -> torch.Tensor:
         left = int(max(0, min(w - side, float(cx) - side / 2)))
         s = int(min(round(side), h - top, w - left))
         part = x[i : i + 1, :, top : top + s, left : left + s].float()
-        out[i] = F.interpolate(part, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255).to(x.dtype)
+        zoomed = F.interpolate(part, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+        out[i] = zoomed.round().clamp(0, 255).to(x.dtype)
     return out
 
 

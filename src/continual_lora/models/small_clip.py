@@ -27,8 +27,8 @@ import json
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
